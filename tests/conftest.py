@@ -1,0 +1,70 @@
+"""Shared fixtures: an isolated uce cache, offline hub access, the tiny model, a finished edit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# The hub client reads HF_HUB_OFFLINE once, at import: set it before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "uce-upstream"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Point uce's cache at a per-session temp folder and keep the hub client offline."""
+    cache = tmp_path_factory.getbasetemp() / "uce-cache"
+    monkeypatch.setenv("UCE_CACHE_DIR", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("UCE_DEBUG", raising=False)
+    if SHARED_DATA.is_dir() and "UCE_DATA_MIRROR" not in os.environ:
+        monkeypatch.setenv("UCE_DATA_MIRROR", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-1.x diffusers folder (seed 0), read-only by convention: copy it to modify it."""
+    from uce_cli.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("base") / "tiny-sd", seed=0)
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    """Write a recipe file and return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def erased_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of a finished paper-mode erase on the tiny model (diffusers + delta + log)."""
+    from uce_cli.plan import plan_recipe
+    from uce_cli.runner import run_apply
+
+    work = tmp_path_factory.mktemp("erased")
+    recipe = write_recipe(
+        work,
+        f"""
+model: {tiny_model}
+erase:
+  - concepts: [Kelly Mckernan, Thomas Kinkade]
+    templates: art
+preserve:
+  - concepts: [Claude Monet, Rembrandt]
+""",
+    )
+    return run_apply(plan_recipe(recipe), out=work / "out", device="cpu").out
+
+
+@pytest.fixture()
+def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the tiny model."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "model-copy"))

@@ -1,0 +1,54 @@
+"""The ``uce`` command line: one module per command, each parse → call the library → render."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from uce_cli import __version__
+from uce_cli.cli.apply import apply
+from uce_cli.cli.show import show
+from uce_cli.cli.validate import validate
+
+# Third-party chatter (download bars, backend notices) would bury uce's own stderr; errors still show.
+for _var, _value in (
+    ("TRANSFORMERS_VERBOSITY", "error"),
+    ("DIFFUSERS_VERBOSITY", "error"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+):
+    os.environ.setdefault(_var, _value)
+
+app = typer.Typer(
+    name="uce",
+    help="Unified Concept Editing: erase, moderate, debias and preserve concepts in text-to-image "
+    "diffusion models, in closed form.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.command()(validate)
+app.command()(apply)
+app.command()(show)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"uce {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Unified Concept Editing for text-to-image diffusion models."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

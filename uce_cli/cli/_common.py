@@ -1,0 +1,95 @@
+"""What every command shares: option aliases, the error boundary, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from uce_cli.errors import RecipeError, UceError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+DeviceOpt = Annotated[
+    Device, typer.Option("--device", help="Where to encode: auto picks CUDA, then MPS, then CPU.")
+]
+DtypeOpt = Annotated[
+    Dtype,
+    typer.Option(
+        "--dtype",
+        help="Text-encoder compute dtype (auto: fp16 on CUDA, else fp32). "
+        "The solve is always float64; weights keep their stored dtype.",
+    ),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars or status on stderr.")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
+]
+
+
+def print_error(message: str) -> None:
+    """``error: …`` on stderr, one line per problem."""
+    for line in message.splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into ``error: …`` + exit 1; ``UCE_DEBUG=1`` shows the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = os.environ.get("UCE_DEBUG", "") not in ("", "0")
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (UceError, RecipeError) as exc:
+            if debug:
+                traceback.print_exc()
+            print_error(str(exc))
+            raise typer.Exit(1) from None
+        except BrokenPipeError:
+            # stdout closed early (e.g. piped into `head`): not an error of the command.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+        except KeyboardInterrupt:
+            print_error("interrupted — nothing was written")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug, not bad input: still one line, details on request
+            if debug:
+                traceback.print_exc()
+            print_error(
+                f"internal error: {type(exc).__name__}: {exc} (set UCE_DEBUG=1 for the traceback)"
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(payload: Any) -> None:
+    """One JSON object on stdout."""
+    print(json.dumps(payload, indent=2, default=str))

@@ -1,0 +1,52 @@
+"""``uce validate``: check recipes (schema and plan) without importing torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uce_cli.cli._common import JsonOpt, handle_errors, print_error, print_json
+from uce_cli.errors import RecipeError, UceError
+from uce_cli.plan import plan_recipe
+
+
+@handle_errors
+def validate(
+    recipes: Annotated[
+        list[Path], typer.Argument(help="Recipe files to check.", show_default=False)
+    ],
+    json_out: JsonOpt = False,
+) -> None:
+    """Check recipes: schema, concept files, conflicts and the resolved plan. Reports every problem.
+
+    Example: uce validate recipes/*.yaml
+    """
+    results = []
+    failed = 0
+    for path in recipes:
+        try:
+            plan = plan_recipe(path)
+        except RecipeError as exc:
+            failed += 1
+            print_error(str(exc))
+            results.append({"recipe": str(path), "ok": False, "problems": exc.problems})
+            continue
+        except UceError as exc:
+            failed += 1
+            print_error(f"{path}: {exc}")
+            results.append({"recipe": str(path), "ok": False, "problems": [str(exc)]})
+            continue
+        summary = plan.summary()
+        results.append({"recipe": str(path), "ok": True, **summary})
+        if not json_out:
+            print(
+                f"ok {path}: {summary['edit_prompts']} edit prompts, "
+                f"{summary['preserve_prompts']} preserve prompts, {plan.alignment} alignment, "
+                f"model {plan.model}"
+            )
+    if json_out:
+        print_json(results)
+    if failed:
+        raise typer.Exit(1)

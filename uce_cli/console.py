@@ -1,0 +1,73 @@
+"""Terminal rendering shared by the CLI commands: consoles, Rich progress, error printing."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+# Results go to stdout; progress, status and errors to stderr.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class RichProgress:
+    """The library's Progress protocol rendered as Rich bars on stderr (off when quiet / not a TTY)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bars: Progress | None = None
+        self._task: int | None = None
+        self._unit = ""
+
+    def __enter__(self) -> RichProgress:
+        if self.enabled:
+            self._bars = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=err,
+                transient=False,
+            )
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+
+    def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
+        if self._bars is None:
+            return
+        self.finish()
+        self._unit = unit
+        self._task = self._bars.add_task(stage, total=total, rate="")
+
+    def advance(self, n: int = 1) -> None:
+        if self._bars is None or self._task is None:
+            return
+        self._bars.advance(self._task, n)
+        task = self._bars.tasks[self._task]
+        if self._unit and task.elapsed:
+            self._bars.update(
+                self._task, rate=f"{task.completed / task.elapsed:.1f} {self._unit}/s"
+            )
+
+    def finish(self) -> None:
+        if self._bars is None or self._task is None:
+            return
+        task = self._bars.tasks[self._task]
+        total = task.total if task.total is not None else 1
+        self._bars.update(self._task, total=total, completed=total)
+        self._task = None

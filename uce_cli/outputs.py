@@ -1,0 +1,166 @@
+"""Writing an edit: a diffusers pipeline folder, a delta file, atomically, never over the base.
+
+The diffusers output is the base folder with the denoiser's safetensors files copied and only
+the edited tensors' bytes rewritten in place (same header, same offsets), so every other tensor
+is bit-identical to the base. Everything is written into a hidden staging folder next to the
+destination and renamed into place at the end: an interrupted run leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from uce_cli.errors import OutputError
+from uce_cli.model import PICKLE_SUFFIXES, BaseModelFiles, same_or_inside
+
+DELTA_FILE = "edit.safetensors"
+EDIT_LOG_FILE = "edit_log.json"
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".msgpack", ".h5", ".onnx")
+
+
+def check_destination(out: Path, base_root: Path | None, force: bool) -> None:
+    """Refuse an output that exists (without ``force``), is a file, or overlaps the base model.
+
+    Raises:
+        OutputError: naming the path and what to do.
+    """
+    if base_root is not None and (same_or_inside(out, base_root) or same_or_inside(base_root, out)):
+        raise OutputError(
+            f"output {out} overlaps the base model folder {base_root} — the base model is never "
+            "modified; choose an output folder outside it"
+        )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a folder — choose another --out")
+        if not force:
+            raise OutputError(f"output {out} already exists — pass --force to replace it")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot create {out}: {parent} is not a folder")
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh hidden folder beside ``out`` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.uce-tmp-", dir=out.parent))
+
+
+def finalize(stage: Path, out: Path, force: bool) -> None:
+    """Move the finished staging folder to ``out``; with ``force`` the old output is removed last."""
+    old: Path | None = None
+    if out.exists():
+        if not force:
+            raise OutputError(f"output {out} appeared while writing — pass --force to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.uce-old-", dir=out.parent))
+        os.replace(out, old / "previous")
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safetensors_layout(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return 8 + n, header
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    # safetensors stores raw little-endian C-order bytes; view as uint8 keeps bf16/fp16 exact.
+    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> list[str]:
+    """Copy ``src`` to ``dst`` and overwrite the bytes of the tensors in ``new`` in place.
+
+    Returns the keys patched. Shapes and dtypes must match the file's; the header is unchanged.
+    """
+    shutil.copyfile(src, dst)
+    data_start, header = _safetensors_layout(src)
+    patched = []
+    with dst.open("r+b") as f:
+        for key, tensor in new.items():
+            entry = header.get(key)
+            if entry is None:
+                continue
+            begin, end = entry["data_offsets"]
+            payload = _tensor_bytes(tensor)
+            if list(tensor.shape) != entry["shape"] or len(payload) != end - begin:
+                raise OutputError(
+                    f"{key}: edited tensor {tuple(tensor.shape)} does not fit {src.name}'s "
+                    f"{tuple(entry['shape'])} {entry['dtype']} slot"
+                )
+            f.seek(data_start + begin)
+            f.write(payload)
+            patched.append(key)
+    return patched
+
+
+def write_diffusers(stage: Path, model: BaseModelFiles, new: dict[str, torch.Tensor]) -> list[Path]:
+    """Write a complete diffusers pipeline folder in which only ``new`` tensors differ from the base.
+
+    Component folders listed in model_index.json are copied; the denoiser folder receives its
+    config and the patched safetensors files only (a stale fp16/.bin copy of the unedited weights
+    would otherwise load silently); weight files at the top level are not copied.
+
+    Returns:
+        The written files, relative to ``stage``.
+    """
+    root = model.root
+    index = json.loads((root / "model_index.json").read_text())
+    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    written: list[Path] = []
+    for src in sorted(root.rglob("*")):
+        rel = src.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or src.is_dir():
+            continue
+        top = rel.parts[0]
+        if len(rel.parts) == 1:
+            if src.suffix in WEIGHT_SUFFIXES:
+                continue
+        elif top not in components:
+            continue
+        elif top == model.denoiser and (
+            src.suffix in WEIGHT_SUFFIXES or ".safetensors" in src.name
+        ):
+            if src not in model.denoiser_files and not src.name.endswith(".index.json"):
+                continue
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src in model.denoiser_files:
+            patch_safetensors(src, dst, new)
+        else:
+            shutil.copyfile(src, dst)
+        written.append(rel)
+    return written
+
+
+def write_delta(path: Path, new: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write only the edited tensors (keys prefixed by the component, e.g. ``unet.``) and metadata."""
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in new.items()}, str(path), metadata)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON (inside a staging folder, or atomically via a temp file and rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

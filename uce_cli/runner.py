@@ -1,0 +1,231 @@
+"""``uce apply`` as a library call: plan → encode once → solve once → write outputs + edit log."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uce_cli.editlog import build_edit_log
+from uce_cli.encode import token_counts
+from uce_cli.errors import OutputError
+from uce_cli.model import load_text_encoder, load_tokenizer, open_model, pick_device, pick_dtype
+from uce_cli.outputs import (
+    DELTA_FILE,
+    EDIT_LOG_FILE,
+    check_destination,
+    finalize,
+    sha256_file,
+    staging_dir,
+    write_delta,
+    write_diffusers,
+    write_json,
+)
+from uce_cli.plan import EditPlan
+from uce_cli.progress import NullProgress, Progress
+from uce_cli.solve import Scales, solve_edit
+from uce_cli.stats import collect_statistics
+
+
+@dataclass
+class ApplyResult:
+    """What ``run_apply`` produced: the output folder and its edit log."""
+
+    out: Path
+    log: dict[str, Any]
+
+
+def _operator_rank(k: torch.Tensor) -> int:
+    s = torch.linalg.svdvals(k - torch.eye(k.shape[0], dtype=k.dtype, device=k.device))
+    return int((s > s.max().clamp_min(1e-300) * k.shape[0] * torch.finfo(k.dtype).eps).sum())
+
+
+def run_apply(
+    plan: EditPlan,
+    out: Path | None = None,
+    force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> ApplyResult:
+    """Run a resolved plan end to end and write its outputs atomically.
+
+    Args:
+        plan: the resolved recipe.
+        out: output folder (default: the plan's ``output.dir``).
+        force: replace an existing output.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``mps`` for encoding (and solving, except on MPS,
+            which has no float64: the solve then runs on the CPU).
+        dtype: text-encoder compute dtype (``auto`` | ``fp32`` | ``fp16`` | ``bf16``).
+        batch_size: prompts per encoder pass.
+        progress: stage/advance reporting.
+
+    Raises:
+        UceError: any problem a user can fix (model, solve, output).
+    """
+    progress = progress or NullProgress()
+    out = out or plan.output_dir
+    if out is None:
+        raise OutputError("no output folder — pass --out DIR or set output.dir in the recipe")
+    out = Path(out).expanduser().resolve()
+    check_destination(out, None, force)
+    timings: dict[str, float] = {}
+    torch.manual_seed(plan.seed)
+
+    t0 = time.perf_counter()
+    progress.start("load model")
+    model = open_model(plan.model, plan.revision)
+    check_destination(out, model.root, force)
+    run_device = pick_device(device)
+    run_dtype = pick_dtype(dtype, run_device)
+    solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
+    tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
+    progress.finish()
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stats, counts = collect_statistics(plan, tokenizer, encoder, solve_device, batch_size, progress)
+    del encoder
+    timings["encode"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress.start("solve")
+    keys = [t.key for t in model.kv if t.key.split(".")[-2] in plan.projections]
+    old = model.read_kv(keys)
+    scales = Scales(plan.lam, plan.erase_scale, plan.preserve_scale)
+    new, k, metrics = solve_edit(old, stats, scales)
+    progress.finish()
+    timings["solve"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress.start("save")
+    stage = staging_dir(out)
+    try:
+        files: list[Path] = []
+        if "diffusers" in plan.formats:
+            files += write_diffusers(stage, model, new)
+        prefixed = {f"{model.denoiser}.{key}": w for key, w in new.items()}
+        if "delta" in plan.formats:
+            write_delta(
+                stage / DELTA_FILE,
+                prefixed,
+                {
+                    "format": "uce-delta",
+                    "uce_version": build_edit_log()["versions"]["uce"],
+                    "base_model": plan.model,
+                    "base_revision": plan.revision or "",
+                    "recipe_sha256": plan.recipe_sha256,
+                    "alignment": plan.alignment,
+                },
+            )
+            files.append(Path(DELTA_FILE))
+        timings["save"] = time.perf_counter() - t0
+        shapes = {t.key: list(t.shape) for t in model.kv}
+        log = build_edit_log(
+            recipe_file=plan.source_file,
+            recipe_sha256=plan.recipe_sha256,
+            recipe=plan.recipe,
+            base_model={
+                "spec": plan.model,
+                "revision": plan.revision,
+                "path": str(model.root),
+                "files": {
+                    str(p.relative_to(model.root)): sha256_file(p)
+                    for p in [
+                        *model.denoiser_files,
+                        *sorted((model.root / "text_encoder").glob("*.safetensors")),
+                    ]
+                },
+            },
+            device=str(run_device),
+            dtype=str(run_dtype).removeprefix("torch."),
+            plan={
+                **plan.summary(),
+                "preserve_vectors": stats.n_preserve_vectors,
+                "edit_vectors": stats.n_edit_vectors,
+                "token_counts_max": max(counts.values()),
+                "pairs": stats.spans,
+            },
+            solver={
+                "lambda": scales.lam,
+                "erase_scale": scales.erase_scale,
+                "preserve_scale": scales.preserve_scale,
+                "width": stats.width,
+                "operator_rank": _operator_rank(k),
+                "precision": "float64 Gram and Cholesky solve; weights cast back once",
+            },
+            layers={
+                f"{model.denoiser}.{key}": {"shape": shapes[key], **m} for key, m in metrics.items()
+            },
+            timings={k_: round(v, 4) for k_, v in timings.items()},
+            outputs={str(f): sha256_file(stage / f) for f in files},
+        )
+        write_json(stage / EDIT_LOG_FILE, log)
+        finalize(stage, out, force)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        progress.finish()
+    return ApplyResult(out, log)
+
+
+def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
+    """The plan as ``--dry-run`` shows it: counts, first prompts per section, vectors per prompt.
+
+    Vectors per prompt need the tokenizer (no weights): read from a local folder, or generated for
+    the builtin model; for a hub model not on disk the formula is shown instead.
+    """
+    report: dict[str, Any] = {
+        **plan.summary(),
+        "first_pairs": {},
+        "first_preserve": plan.preserve[:first],
+    }
+    for pair in plan.pairs:
+        shown = report["first_pairs"].setdefault(pair.section, [])
+        if len(shown) < first:
+            shown.append({"source": pair.source, "targets": [list(t) for t in pair.targets]})
+    tokenizer = _local_tokenizer(plan.model)
+    if tokenizer is None:
+        report["vectors"] = (
+            "per pair 77 − max(f(s), f(t)) (paper) / 1 (last-token); tokenizer not available locally"
+        )
+        return report
+    from uce_cli.encode import check_lengths
+    from uce_cli.stats import pair_spans, prompt_sections
+
+    counts = token_counts(tokenizer, plan.prompts())
+    check_lengths(counts, tokenizer.model_max_length, prompt_sections(plan))
+    spans = pair_spans(plan, counts, tokenizer.model_max_length)
+    per_pair = [src.length for src, _ in spans]
+    preserve_per = tokenizer.model_max_length if plan.alignment == "paper" else 1
+    report["vectors"] = {
+        "edit_vectors": sum(per_pair),
+        "per_edit_prompt_min": min(per_pair),
+        "per_edit_prompt_max": max(per_pair),
+        "preserve_vectors": preserve_per * len(plan.preserve),
+        "per_preserve_prompt": preserve_per,
+    }
+    for shown in report["first_pairs"].values():
+        for item in shown:
+            src, _ = spans[next(i for i, p in enumerate(plan.pairs) if p.source == item["source"])]
+            item["vectors"] = src.length
+            item["source_start"] = src.start
+    return report
+
+
+def _local_tokenizer(model: str) -> object | None:
+    """The model's tokenizer if it is available without network or weights, else None."""
+    from uce_cli.tiny import TINY_MODEL_NAME, build_tiny_tokenizer
+
+    if model == TINY_MODEL_NAME:
+        return build_tiny_tokenizer()
+    root = Path(model)
+    if (root / "tokenizer").is_dir():
+        return load_tokenizer(root)
+    return None

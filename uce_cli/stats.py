@@ -1,0 +1,184 @@
+"""The edit's sufficient statistics: float64 Gram matrices of edit, target and preserve vectors.
+
+Everything the closed form and its diagnostics need is a ``d × d`` matrix (DESIGN §1):
+``G_s = Σ c_s c_sᵀ``, ``G_ts = Σ c* c_sᵀ``, ``G_t = Σ c* c*ᵀ`` over edit vectors (c* the target
+embedding, so v* = W_old c*) and ``G_p = Σ c_p c_pᵀ`` over preserve vectors. They are accumulated
+in float64 chunk by chunk while prompts are encoded once, so memory does not grow with the number
+of preserve prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from uce_cli.encode import (
+    Span,
+    check_lengths,
+    encode_batches,
+    last_token_spans,
+    last_word_index,
+    paper_spans,
+    token_counts,
+)
+from uce_cli.plan import EditPlan
+from uce_cli.progress import NullProgress, Progress
+
+CHUNK_ROWS = 8192  # vectors per float64 Gram update
+
+
+@dataclass
+class EditStats:
+    """Float64 Gram statistics of one edit, all ``(d, d)``, plus counts and the spans used."""
+
+    width: int
+    G_s: torch.Tensor
+    G_ts: torch.Tensor
+    G_t: torch.Tensor
+    G_p: torch.Tensor
+    n_edit_vectors: int = 0
+    n_preserve_vectors: int = 0
+    spans: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, width: int, device: torch.device) -> EditStats:
+        z = lambda: torch.zeros(width, width, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(width, z(), z(), z(), z())
+
+
+class _GramAccumulator:
+    """Buffers row vectors and folds them into float64 Gram sums CHUNK_ROWS at a time."""
+
+    def __init__(self, stats: EditStats) -> None:
+        self.stats = stats
+        self.sources: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.preserve: list[torch.Tensor] = []
+
+    def add_pair(self, c_s: torch.Tensor, c_t: torch.Tensor) -> None:
+        self.sources.append(c_s)
+        self.targets.append(c_t)
+        if sum(x.shape[0] for x in self.sources) >= CHUNK_ROWS:
+            self.flush_pairs()
+
+    def add_preserve(self, c_p: torch.Tensor) -> None:
+        self.preserve.append(c_p)
+        if sum(x.shape[0] for x in self.preserve) >= CHUNK_ROWS:
+            self.flush_preserve()
+
+    def flush_pairs(self) -> None:
+        if not self.sources:
+            return
+        device = self.stats.G_s.device
+        c_s = torch.cat(self.sources).to(device, torch.float64)  # (N, d), one row per vector
+        c_t = torch.cat(self.targets).to(device, torch.float64)
+        self.stats.G_s += c_s.T @ c_s
+        self.stats.G_ts += c_t.T @ c_s
+        self.stats.G_t += c_t.T @ c_t
+        self.stats.n_edit_vectors += c_s.shape[0]
+        self.sources, self.targets = [], []
+
+    def flush_preserve(self) -> None:
+        if not self.preserve:
+            return
+        c_p = torch.cat(self.preserve).to(self.stats.G_p.device, torch.float64)
+        self.stats.G_p += c_p.T @ c_p
+        self.stats.n_preserve_vectors += c_p.shape[0]
+        self.preserve = []
+
+
+def prompt_sections(plan: EditPlan) -> dict[str, str]:
+    """prompt → the recipe section it came from (for error messages)."""
+    where: dict[str, str] = {}
+    for pair in plan.pairs:
+        where.setdefault(pair.source, pair.section)
+        for prompt, _ in pair.targets:
+            where.setdefault(prompt, pair.section)
+    for prompt in plan.preserve:
+        where.setdefault(prompt, "preserve")
+    return where
+
+
+def pair_spans(
+    plan: EditPlan, counts: dict[str, int], max_length: int
+) -> list[tuple[Span, list[Span]]]:
+    """Token spans of every edit pair under the plan's alignment mode."""
+    out = []
+    for pair in plan.pairs:
+        targets = [t for t, _ in pair.targets]
+        if plan.alignment == "paper":
+            out.append(paper_spans(pair.source, targets, counts, max_length))
+        else:
+            out.append(last_token_spans(pair.source, targets, counts))
+    return out
+
+
+@torch.no_grad()
+def collect_statistics(
+    plan: EditPlan,
+    tokenizer: object,
+    encoder: torch.nn.Module,
+    device: torch.device,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> tuple[EditStats, dict[str, int]]:
+    """Encode every unique prompt once and accumulate the edit's Gram statistics.
+
+    Args:
+        plan: the resolved plan.
+        tokenizer: CLIP tokenizer (padding to ``model_max_length``).
+        encoder: text encoder on its compute device.
+        device: where the float64 Gram matrices live (CPU, or CUDA).
+        batch_size: prompts per encoder pass.
+        progress: receives one advance per prompt.
+
+    Returns:
+        The statistics and the token count of every prompt.
+    """
+    progress = progress or NullProgress()
+    prompts = plan.prompts()
+    max_length = tokenizer.model_max_length
+    counts = token_counts(tokenizer, prompts)
+    check_lengths(counts, max_length, prompt_sections(plan))
+    spans = pair_spans(plan, counts, max_length)
+
+    edit_prompts = {s.prompt for src, tgts in spans for s in [src, *tgts]}
+    preserve = set(plan.preserve)
+    width = encoder.config.hidden_size
+    stats = EditStats.zeros(width, device)
+    acc = _GramAccumulator(stats)
+    kept: dict[str, torch.Tensor] = {}  # hidden states of edit prompts, (L, d) each
+
+    progress.start("encode", len(prompts), "prompts")
+    for batch, hidden in encode_batches(tokenizer, encoder, prompts, batch_size, progress):
+        for prompt, h in zip(batch, hidden, strict=True):
+            if prompt in edit_prompts:
+                kept[prompt] = h
+            if prompt in preserve:
+                if plan.alignment == "paper":
+                    acc.add_preserve(h)  # all L positions (DESIGN §1)
+                else:
+                    acc.add_preserve(h[last_word_index(counts[prompt])].unsqueeze(0))
+    progress.finish()
+
+    for pair, (src, tgts) in zip(plan.pairs, spans, strict=True):
+        c_s = kept[src.prompt][src.start : src.start + src.length]
+        c_t = sum(
+            weight * kept[t.prompt][t.start : t.start + t.length].double()
+            for (_, weight), t in zip(pair.targets, tgts, strict=True)
+        )
+        acc.add_pair(c_s, c_t)
+        stats.spans.append(
+            {
+                "source": src.prompt,
+                "source_start": src.start,
+                "vectors": src.length,
+                "targets": [
+                    [t.prompt, w, t.start] for (_, w), t in zip(pair.targets, tgts, strict=True)
+                ],
+            }
+        )
+    acc.flush_pairs()
+    acc.flush_preserve()
+    return stats, counts
