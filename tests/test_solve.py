@@ -24,6 +24,7 @@ from uce_cli.solve import (
     Scales,
     apply_operator,
     factorize,
+    layer_metrics,
     solve_edit,
     solve_layer,
     solve_operator,
@@ -252,3 +253,28 @@ def test_lambda_zero_full_rank_solves_exactly() -> None:
     m = stats.G_s + 0.5 * stats.G_p
     expected = (w @ stats.G_ts + 0.5 * w @ stats.G_p) @ torch.linalg.inv(m)
     assert rel(new["w"], expected) < 1e-10
+
+
+def test_operator_metrics_match_direct_computation() -> None:
+    """The trace-form figures equal the same figures computed from explicit vectors."""
+    torch.manual_seed(3)
+    d = 24
+    c_s, c_t, c_p = (
+        torch.randn(30, d).double(),
+        torch.randn(30, d).double(),
+        torch.randn(90, d).double(),
+    )
+    stats = EditStats(d, c_s.T @ c_s, c_t.T @ c_s, c_t.T @ c_t, c_p.T @ c_p)
+    w = torch.randn(40, d).double()
+    new, _, metrics = solve_edit({"w": w}, stats, Scales(0.5, 1.0, 0.3))
+    w1 = new["w"]
+    v_star = w @ c_t.T
+    expected = {
+        "rel_delta": float((w1 - w).norm() / w.norm()),
+        "residual_before": float((w @ c_s.T - v_star).norm() / v_star.norm()),
+        "residual_after": float((w1 @ c_s.T - v_star).norm() / v_star.norm()),
+        "preserve_drift": float(((w1 - w) @ c_p.T).norm() / (w @ c_p.T).norm()),
+    }
+    for name, value in expected.items():
+        assert metrics["w"][name] == pytest.approx(value, rel=1e-8), name
+    assert layer_metrics(w, w1, stats) == pytest.approx(metrics["w"], rel=1e-8)

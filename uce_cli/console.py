@@ -71,3 +71,18 @@ class RichProgress:
         total = task.total if task.total is not None else 1
         self._bars.update(self._task, total=total, completed=total)
         self._task = None
+
+
+def silence_third_party() -> None:
+    """Turn off transformers'/diffusers' own progress bars and notices: uce renders its own.
+
+    The environment variables set at CLI start-up only work before those libraries are imported;
+    this also covers an already-imported library (e.g. under a test runner).
+    """
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()

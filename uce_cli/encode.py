@@ -84,6 +84,7 @@ def encode_batches(
     prompts: list[str],
     batch_size: int = 32,
     progress: Progress | None = None,
+    padding: str = "max_length",
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Yield ``(prompts, hidden)`` per batch; hidden is ``(B, L, d)`` on the encoder's device.
 
@@ -93,6 +94,9 @@ def encode_batches(
         prompts: unique prompts to encode.
         batch_size: prompts per forward pass.
         progress: receives one advance per prompt.
+        padding: ``max_length`` (L = model_max_length, what the pipelines condition on) or
+            ``longest`` (L = the batch's longest prompt; exact for positions before it, since the
+            CLIP text encoder is causal).
     """
     progress = progress or NullProgress()
     device = next(encoder.parameters()).device
@@ -100,7 +104,7 @@ def encode_batches(
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         ids = tokenizer(
-            batch, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            batch, padding=padding, max_length=max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
         hidden = encoder(ids)[0]  # (B, L, d); no attention mask, as the SD pipelines run it
         yield batch, hidden

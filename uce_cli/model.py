@@ -7,6 +7,7 @@ Only safetensors weights are read; pickle files are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -46,6 +47,7 @@ class BaseModelFiles:
     denoiser: str
     denoiser_files: list[Path]
     kv: list[KVTensor] = field(default_factory=list)
+    single_file: Path | None = None  # the LDM single file this folder was converted from, if any
 
     @property
     def width(self) -> int:
@@ -144,12 +146,21 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     raise ModelError(f"{folder} has no {stem}.safetensors — is this a complete diffusers folder?")
 
 
-def open_model(spec: str, revision: str | None = None) -> BaseModelFiles:
+def open_model(
+    spec: str, revision: str | None = None, allow_pickle: bool = False
+) -> BaseModelFiles:
     """Resolve a model and index its cross-attention k/v tensors (reads headers only).
+
+    A single-file checkpoint (LDM key names) is converted once into a cached diffusers folder;
+    a pickle one (.ckpt/.pt/.bin) only with ``allow_pickle``, read with ``weights_only=True``.
 
     Raises:
         ModelError: not a diffusers folder, pickle-only weights, or no cross-attention layers.
     """
+    if Path(spec).expanduser().is_file():
+        from uce_cli.formats.checkpoint import open_single_file
+
+        return open_single_file(Path(spec).expanduser().resolve(), allow_pickle)
     root = resolve_model(spec, revision)
     index_path = root / "model_index.json"
     if not index_path.is_file():
@@ -201,6 +212,19 @@ def _block_order(key: str) -> tuple:
     # down → mid → up, then numerically, so tables read in the UNet's order.
     part = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(key.split(".")[0], 3)
     return (part, [int(x) if x.isdigit() else x for x in key.split(".")])
+
+
+def text_encoder_files(model: BaseModelFiles) -> list[Path]:
+    """The text encoder's safetensors files (pickle-only folders are refused)."""
+    return _weight_files(model.root / "text_encoder", "model")
+
+
+def combined_sha256(file_hashes: list[str]) -> str:
+    """One identity for a component stored in one or several files: the file's own sha256 when
+    there is one file, else the sha256 of the ordered file hashes."""
+    if len(file_hashes) == 1:
+        return file_hashes[0]
+    return hashlib.sha256("".join(file_hashes).encode()).hexdigest()
 
 
 def load_text_encoder(

@@ -19,7 +19,7 @@ from uce_cli.errors import RecipeError
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
 Projection = Literal["to_k", "to_v"]
-OutputFormat = Literal["diffusers", "delta"]
+OutputFormat = Literal["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]

@@ -10,10 +10,19 @@ from typing import Any
 
 import torch
 
+from uce_cli.cache import preserve_key
 from uce_cli.editlog import build_edit_log
 from uce_cli.encode import token_counts
 from uce_cli.errors import OutputError
-from uce_cli.model import load_text_encoder, load_tokenizer, open_model, pick_device, pick_dtype
+from uce_cli.model import (
+    combined_sha256,
+    load_text_encoder,
+    load_tokenizer,
+    open_model,
+    pick_device,
+    pick_dtype,
+    text_encoder_files,
+)
 from uce_cli.outputs import (
     DELTA_FILE,
     EDIT_LOG_FILE,
@@ -52,6 +61,9 @@ def run_apply(
     dtype: str = "auto",
     batch_size: int = 32,
     progress: Progress | None = None,
+    use_cache: bool = True,
+    lora_rank: int | None = None,
+    allow_pickle: bool = False,
 ) -> ApplyResult:
     """Run a resolved plan end to end and write its outputs atomically.
 
@@ -64,6 +76,9 @@ def run_apply(
         dtype: text-encoder compute dtype (``auto`` | ``fp32`` | ``fp16`` | ``bf16``).
         batch_size: prompts per encoder pass.
         progress: stage/advance reporting.
+        use_cache: reuse (and store) the preserve set's Gram matrix in the uce cache.
+        lora_rank: truncate the LoRA formats to this rank (None: exact rank).
+        allow_pickle: accept a pickle single-file model (read with ``weights_only=True``).
 
     Raises:
         UceError: any problem a user can fix (model, solve, output).
@@ -79,17 +94,39 @@ def run_apply(
 
     t0 = time.perf_counter()
     progress.start("load model")
-    model = open_model(plan.model, plan.revision)
+    model = open_model(plan.model, plan.revision, allow_pickle=allow_pickle)
+    if lora_rank is not None:  # refuse a rank that cannot fit before encoding anything
+        from uce_cli.formats.lora import check_rank
+
+        check_rank(lora_rank, {f"{model.denoiser}.{t.key}": t.shape for t in model.kv})
     check_destination(out, model.root, force)
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
     tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
+    te_files = text_encoder_files(model)
+    base_hashes = {
+        str(p.relative_to(model.root)): sha256_file(p) for p in [*model.denoiser_files, *te_files]
+    }
+    encoder_sha = combined_sha256([base_hashes[str(p.relative_to(model.root))] for p in te_files])
     progress.finish()
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stats, counts = collect_statistics(plan, tokenizer, encoder, solve_device, batch_size, progress)
+    cache_key = (
+        preserve_key(
+            encoder_sha,
+            plan.preserve,
+            plan.alignment,
+            tokenizer.model_max_length,
+            str(run_dtype).removeprefix("torch."),
+        )
+        if use_cache and plan.preserve
+        else None
+    )
+    stats, counts, cache_status = collect_statistics(
+        plan, tokenizer, encoder, solve_device, batch_size, progress, cache_key
+    )
     del encoder
     timings["encode"] = time.perf_counter() - t0
 
@@ -124,6 +161,20 @@ def run_apply(
                 },
             )
             files.append(Path(DELTA_FILE))
+        from uce_cli.formats import edit_metadata, write_formats
+
+        extra = write_formats(
+            stage,
+            model,
+            [f for f in plan.formats if f not in ("diffusers", "delta")],
+            old,
+            new,
+            edit_metadata(plan),
+            k=k,
+            projections=plan.projections,
+            lora_rank=lora_rank,
+        )
+        files += extra.files
         timings["save"] = time.perf_counter() - t0
         shapes = {t.key: list(t.shape) for t in model.kv}
         log = build_edit_log(
@@ -134,13 +185,8 @@ def run_apply(
                 "spec": plan.model,
                 "revision": plan.revision,
                 "path": str(model.root),
-                "files": {
-                    str(p.relative_to(model.root)): sha256_file(p)
-                    for p in [
-                        *model.denoiser_files,
-                        *sorted((model.root / "text_encoder").glob("*.safetensors")),
-                    ]
-                },
+                "files": base_hashes,
+                "text_encoder_sha256": encoder_sha,
             },
             device=str(run_device),
             dtype=str(run_dtype).removeprefix("torch."),
@@ -149,6 +195,7 @@ def run_apply(
                 "preserve_vectors": stats.n_preserve_vectors,
                 "edit_vectors": stats.n_edit_vectors,
                 "token_counts_max": max(counts.values()),
+                "preserve_cache": cache_status,
                 "pairs": stats.spans,
             },
             solver={
@@ -160,7 +207,12 @@ def run_apply(
                 "precision": "float64 Gram and Cholesky solve; weights cast back once",
             },
             layers={
-                f"{model.denoiser}.{key}": {"shape": shapes[key], **m} for key, m in metrics.items()
+                f"{model.denoiser}.{key}": {
+                    "shape": shapes[key],
+                    **m,
+                    **extra.layers.get(f"{model.denoiser}.{key}", {}),
+                }
+                for key, m in metrics.items()
             },
             timings={k_: round(v, 4) for k_, v in timings.items()},
             outputs={str(f): sha256_file(stage / f) for f in files},

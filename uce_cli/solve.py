@@ -143,6 +143,56 @@ def layer_metrics(w_old: torch.Tensor, w_new: torch.Tensor, stats: EditStats) ->
     }
 
 
+@dataclass(frozen=True)
+class MetricForms:
+    """d×d matrices X with each per-layer figure a trace form tr(W_old X W_oldᵀ) = ⟨X, W_oldᵀW_old⟩.
+
+    They depend on the edit only, so each layer's figures cost one Gram W_oldᵀW_old.
+    """
+
+    delta: torch.Tensor  # (K−I)(K−I)ᵀ → ‖ΔW‖²
+    residual_before: torch.Tensor  # (C_s−C*)(C_s−C*)ᵀ → ‖W_old C_s − V*‖²
+    residual_after: torch.Tensor  # (K C_s−C*)(K C_s−C*)ᵀ → ‖W_new C_s − V*‖²
+    target: torch.Tensor  # C* C*ᵀ → ‖V*‖²
+    preserve: torch.Tensor  # C_p C_pᵀ → ‖W_old C_p‖²
+    drift: torch.Tensor  # (K−I) C_p C_pᵀ (K−I)ᵀ → ‖ΔW C_p‖²
+
+
+def metric_forms(k: torch.Tensor, stats: EditStats) -> MetricForms:
+    """The trace-form matrices of an operator edit W_new = W_old K (float64)."""
+    eye = torch.eye(stats.width, dtype=torch.float64, device=k.device)
+    k_i = k - eye
+    g_st = stats.G_ts.T  # C_s C*ᵀ
+    return MetricForms(
+        delta=k_i @ k_i.T,
+        residual_before=stats.G_s - g_st - stats.G_ts + stats.G_t,
+        residual_after=k @ stats.G_s @ k.T - k @ g_st - stats.G_ts @ k.T + stats.G_t,
+        target=stats.G_t,
+        preserve=stats.G_p,
+        drift=k_i @ stats.G_p @ k_i.T,
+    )
+
+
+def operator_layer_metrics(w_old: torch.Tensor, forms: MetricForms) -> dict[str, float]:
+    """The figures of ``layer_metrics`` for W_new = W_old K, from one Gram of W_old."""
+    w0 = w_old.to(forms.delta.device, torch.float64)
+    gram = w0.T @ w0  # (d_in, d_in)
+
+    def form(x: torch.Tensor) -> float:
+        return max(float((x * gram).sum()), 0.0)
+
+    def ratio(num: float, den: float) -> float:
+        return (num / den) ** 0.5 if den > 0 else 0.0
+
+    target = form(forms.target)
+    return {
+        "rel_delta": ratio(form(forms.delta), float(gram.trace())),
+        "residual_before": ratio(form(forms.residual_before), target),
+        "residual_after": ratio(form(forms.residual_after), target),
+        "preserve_drift": ratio(form(forms.drift), form(forms.preserve)),
+    }
+
+
 def solve_edit(
     weights: dict[str, torch.Tensor], stats: EditStats, scales: Scales
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, dict[str, float]]]:
@@ -157,6 +207,7 @@ def solve_edit(
         New weights (same names, dtypes and devices), the operator K, and per-layer metrics.
     """
     k = solve_operator(stats, scales)
+    forms = metric_forms(k, stats)
     new: dict[str, torch.Tensor] = {}
     metrics: dict[str, dict[str, float]] = {}
     for name, w_old in weights.items():
@@ -165,5 +216,5 @@ def solve_edit(
                 f"{name}: input width {w_old.shape[1]} != embedding width {stats.width}"
             )
         new[name] = apply_operator(w_old, k)
-        metrics[name] = layer_metrics(w_old, new[name], stats)
+        metrics[name] = operator_layer_metrics(w_old, forms)
     return new, k, metrics

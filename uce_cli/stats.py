@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from uce_cli.cache import PreserveEntry, load_preserve, save_preserve
 from uce_cli.encode import (
     Span,
     check_lengths,
@@ -122,7 +123,8 @@ def collect_statistics(
     device: torch.device,
     batch_size: int = 32,
     progress: Progress | None = None,
-) -> tuple[EditStats, dict[str, int]]:
+    cache_key: str | None = None,
+) -> tuple[EditStats, dict[str, int], str]:
     """Encode every unique prompt once and accumulate the edit's Gram statistics.
 
     Args:
@@ -132,9 +134,12 @@ def collect_statistics(
         device: where the float64 Gram matrices live (CPU, or CUDA).
         batch_size: prompts per encoder pass.
         progress: receives one advance per prompt.
+        cache_key: key of the preserve set in the on-disk cache (``cache.preserve_key``);
+            None disables the cache.
 
     Returns:
-        The statistics and the token count of every prompt.
+        The statistics, the token count of every prompt, and the cache status
+        (``hit``, ``miss``, ``corrupt`` — rebuilt — or ``off``).
     """
     progress = progress or NullProgress()
     prompts = plan.prompts()
@@ -150,8 +155,20 @@ def collect_statistics(
     acc = _GramAccumulator(stats)
     kept: dict[str, torch.Tensor] = {}  # hidden states of edit prompts, (L, d) each
 
+    cached, status = load_preserve(cache_key) if cache_key else (None, "off")
+    if cached is not None and cached.G_p.shape[0] == width:
+        stats.G_p = cached.G_p.to(device)
+        stats.n_preserve_vectors = cached.n_vectors
+        preserve = set()
+        prompts = [p for p in prompts if p in edit_prompts]
+    elif cached is not None:
+        status = "corrupt"
+
+    # last-token reads positions ≤ f(x) only; a causal encoder makes them independent of what
+    # follows, so batches are padded to their longest prompt instead of 77 tokens (exact).
+    padding = "max_length" if plan.alignment == "paper" else "longest"
     progress.start("encode", len(prompts), "prompts")
-    for batch, hidden in encode_batches(tokenizer, encoder, prompts, batch_size, progress):
+    for batch, hidden in encode_batches(tokenizer, encoder, prompts, batch_size, progress, padding):
         for prompt, h in zip(batch, hidden, strict=True):
             if prompt in edit_prompts:
                 kept[prompt] = h
@@ -181,4 +198,10 @@ def collect_statistics(
         )
     acc.flush_pairs()
     acc.flush_preserve()
-    return stats, counts
+    if cache_key and status != "hit":
+        save_preserve(
+            cache_key,
+            PreserveEntry(stats.G_p, stats.n_preserve_vectors),
+            {"alignment": plan.alignment, "n_prompts": str(len(plan.preserve))},
+        )
+    return stats, counts, status

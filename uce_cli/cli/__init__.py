@@ -8,8 +8,12 @@ import typer
 
 from uce_cli import __version__
 from uce_cli.cli.apply import apply
+from uce_cli.cli.merge import merge
+from uce_cli.cli.sample import sample
 from uce_cli.cli.show import show
+from uce_cli.cli.transfer import transfer
 from uce_cli.cli.validate import validate
+from uce_cli.cli.verify import verify
 
 # Third-party chatter (download bars, backend notices) would bury uce's own stderr; errors still show.
 for _var, _value in (
@@ -32,6 +36,10 @@ app = typer.Typer(
 app.command()(validate)
 app.command()(apply)
 app.command()(show)
+app.command()(merge)
+app.command()(transfer)
+app.command()(verify)
+app.command()(sample)
 
 
 def _version(value: bool) -> None:

@@ -65,8 +65,8 @@ def handle_errors(func: F) -> F:
         debug = os.environ.get("UCE_DEBUG", "") not in ("", "0")
         try:
             return func(*args, **kwargs)
-        except typer.Exit:
-            raise
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise  # Typer renders these itself (exit 0/1, or 2 for usage errors)
         except (UceError, RecipeError) as exc:
             if debug:
                 traceback.print_exc()
@@ -77,7 +77,7 @@ def handle_errors(func: F) -> F:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0) from None
         except KeyboardInterrupt:
-            print_error("interrupted — nothing was written")
+            print_error("interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:  # a bug, not bad input: still one line, details on request
             if debug:

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from uce_cli.cli._common import DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, handle_errors, print_json
-from uce_cli.console import RichProgress, err, out
+from uce_cli.cli.merge import AllowPickleOpt, FormatOpt, LoraRankOpt, chosen_formats
+from uce_cli.console import RichProgress, err, out, silence_third_party
 from uce_cli.plan import plan_recipe
 
 
@@ -71,6 +72,12 @@ def apply(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Prompts per encoder pass.")
     ] = 32,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor store cached preserve statistics.")
+    ] = False,
+    formats: FormatOpt = None,
+    lora_rank: LoraRankOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -79,6 +86,8 @@ def apply(
     Example: uce apply recipes/quickstart.yaml --out runs/quickstart
     """
     plan = plan_recipe(recipe, out_dir)
+    # --format replaces output.formats
+    plan.formats = chosen_formats(formats, plan.formats, lora_rank)
     if dry_run:
         from uce_cli.runner import describe_plan
 
@@ -87,6 +96,7 @@ def apply(
         return
     from uce_cli.runner import run_apply
 
+    silence_third_party()
     with RichProgress(enabled=not quiet) as progress:
         result = run_apply(
             plan,
@@ -96,6 +106,9 @@ def apply(
             getattr(dtype, "value", dtype),
             batch_size,
             progress,
+            use_cache=not no_cache,
+            lora_rank=lora_rank,
+            allow_pickle=allow_pickle,
         )
     log = result.log
     layers = log["layers"].values()

@@ -1,0 +1,321 @@
+"""Benchmark `uce apply` against its cost floor, a naive per-layer baseline and a full pipeline load.
+
+Builds (once, cached) an SD-1.4-architecture pipeline with random weights — the SD 1.4 UNet config
+and the CLIP ViT-L/14 text config, with uce's generated tokenizer — then measures, each part in
+its own child process so peak RSS is its own:
+
+  (a) apply: `run_apply` erasing E artists (art templates, paper mode) while preserving P others;
+  (b) floor: load the text encoder, one batched encode of exactly the same unique prompts, read
+      the 32 cross-attention k/v tensors;
+  (c) naive: the published reference's structure (for each layer: re-encode every (source, guide)
+      pair and every preserve prompt, rank-1 sums in Python loops, explicit inverse) on 2 of the
+      32 layers, extrapolated linearly to 32;
+  (d) the peak RSS of loading the full pipeline the usual way (`StableDiffusionPipeline.from_pretrained`).
+
+Prints a table; the last line is one JSON object. Usage:
+    python scripts/bench_apply.py --quick
+    python scripts/bench_apply.py --erase 5 --preserve 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ARTISTS_FALLBACK = [f"Artist Number {i} Of The Benchmark" for i in range(2000)]
+
+SD14_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD14_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+CLIP_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+
+
+def build_model(dest: Path) -> Path:
+    """Write the random SD-1.4-architecture pipeline (fast init: meta device, then normal_)."""
+    if (dest / "model_index.json").is_file():
+        return dest
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from uce_cli.tiny import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+
+    def randomized(module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02)
+        return module
+
+    config = CLIPTextConfig(
+        **CLIP_L_TEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD14_UNET)
+        vae = AutoencoderKL(**SD14_VAE)
+        text_encoder = CLIPTextModel(config)
+    pipe = StableDiffusionPipeline(
+        vae=randomized(vae),
+        text_encoder=randomized(text_encoder),
+        tokenizer=tokenizer,
+        unet=randomized(unet),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".bench-build-"))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def child(code: str) -> dict:
+    """Run code in a fresh interpreter; it prints one JSON line last (with its own peak RSS)."""
+    prelude = "import json, time, sys\n"
+    epilogue = (
+        # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak over exec.
+        "\nRESULT['peak_rss_mb'] = int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024\n"
+        "print(json.dumps(RESULT))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="2 erase / 10 preserve; same structure"
+    )
+    parser.add_argument("--erase", type=int, default=5, help="artists to erase (E)")
+    parser.add_argument("--preserve", type=int, default=50, help="artists to preserve (P)")
+    parser.add_argument(
+        "--naive-layers", type=int, default=2, help="layers the naive baseline runs"
+    )
+    parser.add_argument("--work", type=Path, default=None, help="folder for the model and outputs")
+    parser.add_argument(
+        "--formats", default="diffusers,delta", help="output formats of the apply run"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.erase, args.preserve = 2, 10
+
+    work = (
+        args.work or Path(os.environ.get("UCE_CACHE_DIR", Path.home() / ".cache" / "uce")) / "bench"
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_model(work / "sd14-random-v1")
+    names = ARTISTS_FALLBACK
+    erase, preserve = names[: args.erase], names[args.erase : args.erase + args.preserve]
+    recipe = work / "bench-recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "alignment": "paper",
+                "erase": [{"concepts": erase, "templates": "art", "guide": "art"}],
+                "preserve": [{"concepts": preserve}],
+                "output": {"formats": args.formats.split(",")},
+            }
+        )
+    )
+    out = work / "bench-out"
+    repo = str(Path(__file__).resolve().parents[1])
+
+    apply = child(
+        f"""
+        sys.path.insert(0, {repo!r})
+        from uce_cli.plan import plan_recipe
+        from uce_cli.runner import run_apply
+        plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
+        t0 = time.perf_counter()
+        result = run_apply(plan, out=__import__('pathlib').Path({str(out)!r}), force=True, device='cpu', use_cache=False)
+        RESULT = {{'seconds': time.perf_counter() - t0, 'stages': result.log['timings'],
+                   'prompts': result.log['plan']['unique_prompts']}}
+        """
+    )
+    floor = child(
+        f"""
+        sys.path.insert(0, {repo!r})
+        import torch
+        from uce_cli.plan import plan_recipe
+        from uce_cli.model import open_model, load_text_encoder
+        from uce_cli.encode import encode_batches
+        plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
+        t0 = time.perf_counter()
+        m = open_model(plan.model)
+        tok, enc = load_text_encoder(m, torch.device('cpu'), torch.float32)
+        n = 0
+        for batch, hidden in encode_batches(tok, enc, plan.prompts(), 32):
+            n += len(batch)
+        kv = m.read_kv()
+        RESULT = {{'seconds': time.perf_counter() - t0, 'prompts': n, 'kv_tensors': len(kv)}}
+        """
+    )
+    naive = child(
+        f"""
+        sys.path.insert(0, {repo!r})
+        import torch
+        from uce_cli.plan import plan_recipe
+        from uce_cli.model import open_model, load_text_encoder
+        plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
+        m = open_model(plan.model)
+        tok, enc = load_text_encoder(m, torch.device('cpu'), torch.float32)
+        keys = [t.key for t in m.kv]
+        layers = {args.naive_layers}
+        weights = m.read_kv(keys[:layers])
+        def embed(texts):
+            ids = tok(texts, padding='max_length', max_length=77, truncation=True, return_tensors='pt')
+            with torch.no_grad():
+                return enc(ids.input_ids)[0], ids.attention_mask.sum(1) - 2
+        passes = 0
+        t0 = time.perf_counter()
+        for key in keys[:layers]:
+            W = weights[key].double()
+            mat1 = 0.5 * W.clone(); mat2 = 0.5 * torch.eye(W.shape[1], dtype=torch.float64)
+            for pair in plan.pairs:
+                h, f = embed([pair.source, pair.targets[0][0]]); passes += 2
+                k = 77 - int(max(f))
+                c = h[0, int(f[0]):int(f[0]) + k].double(); t = h[1, int(f[1]):int(f[1]) + k].double()
+                for c_i, t_i in zip(c, t):
+                    mat1 += torch.outer(W @ t_i, c_i); mat2 += torch.outer(c_i, c_i)
+            for p in plan.preserve:
+                h, _ = embed([p]); passes += 1
+                for c_j in h[0].double():
+                    mat1 += plan.preserve_scale * torch.outer(W @ c_j, c_j)
+                    mat2 += plan.preserve_scale * torch.outer(c_j, c_j)
+            W_new = mat1 @ torch.inverse(mat2)
+        seconds = time.perf_counter() - t0
+        RESULT = {{'seconds_measured': seconds, 'layers_measured': layers, 'layers_total': len(keys),
+                   'seconds': seconds * len(keys) / layers, 'encoder_passes_total': passes * len(keys) // layers}}
+        """
+    )
+    full = child(
+        f"""
+        from diffusers import StableDiffusionPipeline
+        t0 = time.perf_counter()
+        pipe = StableDiffusionPipeline.from_pretrained({str(model)!r}, safety_checker=None, requires_safety_checker=False)
+        RESULT = {{'seconds': time.perf_counter() - t0}}
+        """
+    )
+
+    summary = {
+        "E": args.erase,
+        "P": args.preserve,
+        "unique_prompts": apply["prompts"],
+        "apply_seconds": round(apply["seconds"], 3),
+        "apply_stages": apply["stages"],
+        "floor_seconds": round(floor["seconds"], 3),
+        "naive_seconds_extrapolated": round(naive["seconds"], 1),
+        "naive_layers_measured": naive["layers_measured"],
+        "naive_encoder_passes": naive["encoder_passes_total"],
+        "apply_over_floor": round(apply["seconds"] / floor["seconds"], 3),
+        "naive_over_apply": round(naive["seconds"] / apply["seconds"], 1),
+        "apply_peak_rss_mb": round(apply["peak_rss_mb"]),
+        "floor_peak_rss_mb": round(floor["peak_rss_mb"]),
+        "full_pipeline_peak_rss_mb": round(full["peak_rss_mb"]),
+        "rss_ratio": round(apply["peak_rss_mb"] / full["peak_rss_mb"], 3),
+        "formats": args.formats,
+        "threads": os.cpu_count(),
+    }
+    rows = [
+        (
+            "(a) uce apply",
+            f"{apply['seconds']:.2f} s",
+            f"{apply['peak_rss_mb']:.0f} MB",
+            ", ".join(f"{k} {v:.2f}" for k, v in apply["stages"].items()),
+        ),
+        (
+            "(b) floor: encode once + read k/v",
+            f"{floor['seconds']:.2f} s",
+            f"{floor['peak_rss_mb']:.0f} MB",
+            f"{floor['prompts']} prompts, {floor['kv_tensors']} k/v tensors",
+        ),
+        (
+            "(c) naive per-layer (extrapolated)",
+            f"{naive['seconds']:.1f} s",
+            f"{naive['peak_rss_mb']:.0f} MB",
+            f"measured {naive['seconds_measured']:.1f} s on {naive['layers_measured']} of "
+            f"{naive['layers_total']} layers, linear extrapolation; {naive['encoder_passes_total']} encoder passes",
+        ),
+        (
+            "(d) full pipeline load",
+            f"{full['seconds']:.2f} s",
+            f"{full['peak_rss_mb']:.0f} MB",
+            "StableDiffusionPipeline.from_pretrained",
+        ),
+    ]
+    print(
+        f"E={args.erase} erase artists × 6 prompts, P={args.preserve} preserve, paper mode, SD 1.4 architecture"
+    )
+    print(f"{'part':38} {'time':>10} {'peak RSS':>10}  notes")
+    for name, t, rss, notes in rows:
+        print(f"{name:38} {t:>10} {rss:>10}  {notes}")
+    print(
+        f"apply/floor {summary['apply_over_floor']}  naive/apply {summary['naive_over_apply']}  "
+        f"rss apply/full {summary['rss_ratio']}"
+    )
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

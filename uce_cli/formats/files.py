@@ -1,0 +1,135 @@
+"""Reading tensor files safely: safetensors with clear errors, pickle only when allowed, and the text-encoder hash.
+
+Safetensors metadata is a string → string map and is only ever read as data. Pickle files run code
+when unpickled, so they are refused unless the user passes ``--allow-pickle``, and even then are
+read with ``torch.load(weights_only=True)``, which restores tensors and plain containers only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from uce_cli.errors import UceError
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+class EditFileError(UceError):
+    """An edit file (delta, LoRA, operator, checkpoint) is missing, corrupt or does not fit the base."""
+
+
+def is_pickle(path: Path) -> bool:
+    """True for the file suffixes that hold Python pickles."""
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """Raise unless pickle loading was allowed explicitly.
+
+    Raises:
+        EditFileError: naming the file and the flag that allows it.
+    """
+    if is_pickle(path) and not allow_pickle:
+        raise EditFileError(
+            f"{path} is a pickle file, and unpickling can run arbitrary code — convert it to "
+            ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+
+
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle checkpoint's tensors, via ``torch.load(weights_only=True)``; A1111's ``state_dict`` nesting is unwrapped.
+
+    Raises:
+        EditFileError: the file cannot be unpickled safely, or holds no tensors.
+    """
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError: all mean "not usable"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EditFileError(
+            f"cannot load {path} with weights_only=True ({reason}) — the file is corrupt or not a checkpoint"
+        ) from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise EditFileError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
+    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise EditFileError(f"{path} holds no tensors")
+    # Tensors unpickled from one file may share storage; cloning makes each safe to save alone.
+    return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+
+
+def read_metadata(path: Path) -> tuple[list[str], dict[str, str]]:
+    """(keys, metadata) of a safetensors file from its header only.
+
+    Raises:
+        EditFileError: the file is missing or its header is corrupt.
+    """
+    if not path.is_file():
+        raise EditFileError(f"{path}: no such file — check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except Exception as exc:  # SafetensorError on a bad header, OSError on unreadable files
+        raise EditFileError(
+            f"cannot read {path}: {exc} — the file is corrupt or not safetensors"
+        ) from None
+
+
+def read_tensors(
+    path: Path, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors (or, when allowed, pickle) file.
+
+    Raises:
+        EditFileError: missing, corrupt (header or data), or a refused pickle.
+    """
+    refuse_pickle(path, allow_pickle)
+    if is_pickle(path):
+        if not path.is_file():
+            raise EditFileError(f"{path}: no such file — check the path")
+        return load_pickle(path), {}
+    keys, metadata = read_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}, metadata
+    except Exception as exc:  # truncated data section
+        raise EditFileError(f"cannot read tensors of {path}: {exc} — the file is corrupt") from None
+
+
+def text_encoder_weights_sha256(root: Path) -> str:
+    """The identity of a pipeline's text encoder: sha256 over its tensors' names, dtypes, shapes and bytes.
+
+    Names are taken without transformers' optional ``text_model.`` prefix and ``position_ids`` buffers
+    are skipped, so the same weights hash the same whichever library version saved them, while any
+    change of a weight (or of its dtype) changes the hash.
+    """
+    folder = root / "text_encoder"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = [
+            folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise EditFileError(f"{folder} has no safetensors weights to identify the text encoder by")
+    parts: dict[str, str] = {}  # canonical name → "dtype|shape|sha256(bytes)"
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if key.endswith("position_ids"):
+                    continue
+                t = f.get_tensor(key).contiguous()
+                data = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+                parts[key.removeprefix("text_model.")] = f"{t.dtype}|{list(t.shape)}|{data}"
+    digest = hashlib.sha256()
+    for name in sorted(parts):
+        digest.update(f"{name}|{parts[name]}\n".encode())
+    return digest.hexdigest()
