@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import write_recipe
 from uce_cli.cli import app
+from uce_cli.outputs import sha256_file
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -119,9 +120,21 @@ def test_apply_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     assert log["base_model"]["files"]["unet/diffusion_pytorch_model.safetensors"]
     assert log["plan"]["pairs"][0]["source_start"] >= 1
     delta_meta = __import__("safetensors").safe_open(str(out / "edit.safetensors"), "pt").metadata()
+    assert delta_meta["recipe_sha256"] == log["recipe_sha256"]
+    assert delta_meta["uce_version"] == "0.1.0"
     assert (
-        delta_meta["recipe_sha256"] == log["recipe_sha256"] and delta_meta["uce_version"] == "0.1.0"
+        delta_meta["text_encoder_weights_sha256"]
+        == log["base_model"]["text_encoder_weights_sha256"]
     )
+    # hashes computed while copying equal a fresh read of every file, base and output alike
+    for rel, digest in log["outputs"].items():
+        assert sha256_file(out / rel) == digest, rel
+    for rel, digest in log["base_model"]["files"].items():
+        assert sha256_file(tiny_model / rel) == digest, rel
+    assert set(log["outputs"]) >= {"model_index.json", "vae/config.json", "edit.safetensors"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the staging folder's private 0700
 
     from diffusers import DiffusionPipeline
 
@@ -300,3 +313,13 @@ def test_show_errors(tmp_path: Path) -> None:
     assert_error(run("show", tmp_path), "no edit log here")
     (tmp_path / "edit_log.json").write_text("{not json")
     assert_error(run("show", tmp_path), "not a readable JSON edit log")
+
+
+def test_show_a_merge_log(tiny_model: Path, erased_model: Path, tmp_path: Path) -> None:
+    """Logs of merge/transfer have no residuals; show prints what is there, never crashes."""
+    merged = tmp_path / "merged"
+    result = run("merge", tiny_model, erased_model / "edit.safetensors", "--out", merged, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    shown = run("show", merged)
+    assert shown.exit_code == 0, shown.stderr
+    assert "—" in shown.stdout and "layers" in shown.stdout

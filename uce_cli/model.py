@@ -7,7 +7,6 @@ Only safetensors weights are read; pickle files are refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -217,14 +216,6 @@ def _block_order(key: str) -> tuple:
 def text_encoder_files(model: BaseModelFiles) -> list[Path]:
     """The text encoder's safetensors files (pickle-only folders are refused)."""
     return _weight_files(model.root / "text_encoder", "model")
-
-
-def combined_sha256(file_hashes: list[str]) -> str:
-    """One identity for a component stored in one or several files: the file's own sha256 when
-    there is one file, else the sha256 of the ordered file hashes."""
-    if len(file_hashes) == 1:
-        return file_hashes[0]
-    return hashlib.sha256("".join(file_hashes).encode()).hexdigest()
 
 
 def load_text_encoder(

@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -51,7 +52,12 @@ def check_destination(out: Path, base_root: Path | None, force: bool) -> None:
 def staging_dir(out: Path) -> Path:
     """A fresh hidden folder beside ``out`` (same filesystem, so the final rename is atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.uce-tmp-", dir=out.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.uce-tmp-", dir=out.parent))
+    # mkdtemp makes a private 0700 folder; the output should get the usual umask permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)
+    return stage
 
 
 def finalize(stage: Path, out: Path, force: bool) -> None:
@@ -76,6 +82,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class HashBook:
+    """sha256 of files by identity (device, inode, size, mtime).
+
+    A file hashed once — or a hard link to it, or a copy hashed while it was being written — is
+    never read again for its hash: an SD 1.4 UNet is 3.4 GB, and hashing it costs seconds.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, int, int, int], str] = {}
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int, int]:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def record(self, path: Path, digest: str) -> None:
+        """Remember the hash of a file as it is now."""
+        self._known[self._identity(path)] = digest
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256, computed only if this book has not seen the file."""
+        key = self._identity(path)
+        if key not in self._known:
+            self._known[key] = sha256_file(path)
+        return self._known[key]
+
+
 def _safetensors_layout(path: Path) -> tuple[int, dict]:
     """(offset of the data section, header) of a safetensors file."""
     with path.open("rb") as f:
@@ -89,38 +122,76 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> list[str]:
-    """Copy ``src`` to ``dst`` and overwrite the bytes of the tensors in ``new`` in place.
+def copy_patched(
+    src: Path, dst: Path, new: dict[str, torch.Tensor], chunk: int = 64 << 20
+) -> tuple[list[str], str, str]:
+    """Copy ``src`` to ``dst`` in one pass, overwriting the bytes of the tensors in ``new``.
 
-    Returns the keys patched. Shapes and dtypes must match the file's; the header is unchanged.
+    Shapes and dtypes must match the file's, so the header and every offset stay the same and
+    every other tensor is bit-identical. The sha256 of the source and of the result are computed
+    in the same pass, in worker threads (hashlib releases the GIL), while the chunks are written.
+
+    Returns:
+        The keys patched, the source's sha256 and the result's sha256.
     """
-    shutil.copyfile(src, dst)
-    data_start, header = _safetensors_layout(src)
-    patched = []
-    with dst.open("r+b") as f:
-        for key, tensor in new.items():
-            entry = header.get(key)
-            if entry is None:
-                continue
-            begin, end = entry["data_offsets"]
-            payload = _tensor_bytes(tensor)
-            if list(tensor.shape) != entry["shape"] or len(payload) != end - begin:
-                raise OutputError(
-                    f"{key}: edited tensor {tuple(tensor.shape)} does not fit {src.name}'s "
-                    f"{tuple(entry['shape'])} {entry['dtype']} slot"
-                )
-            f.seek(data_start + begin)
-            f.write(payload)
-            patched.append(key)
-    return patched
+    data_start, header = _safetensors_layout(src) if new else (0, {})
+    spans: list[tuple[int, int, bytes, str]] = []  # absolute [begin, end) → new bytes, key
+    for key, tensor in new.items():
+        entry = header.get(key)
+        if entry is None:
+            continue
+        begin, end = entry["data_offsets"]
+        payload = _tensor_bytes(tensor)
+        if list(tensor.shape) != entry["shape"] or len(payload) != end - begin:
+            raise OutputError(
+                f"{key}: edited tensor {tuple(tensor.shape)} does not fit {src.name}'s "
+                f"{tuple(entry['shape'])} {entry['dtype']} slot"
+            )
+        spans.append((data_start + begin, data_start + end, payload, key))
+    spans.sort()
+    src_hash, dst_hash = hashlib.sha256(), hashlib.sha256()
+    with (
+        src.open("rb") as fin,
+        dst.open("wb") as fout,
+        ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        offset = 0
+        while block := fin.read(chunk):
+            patched: bytes | bytearray = block
+            for begin, end, payload, _ in spans:
+                lo, hi = max(begin, offset), min(end, offset + len(block))
+                if lo < hi:
+                    if patched is block:
+                        patched = bytearray(block)
+                    patched[lo - offset : hi - offset] = payload[lo - begin : hi - begin]
+            jobs = [pool.submit(src_hash.update, block), pool.submit(dst_hash.update, patched)]
+            fout.write(patched)
+            for job in jobs:
+                job.result()
+            offset += len(block)
+    return [key for *_, key in spans], src_hash.hexdigest(), dst_hash.hexdigest()
 
 
-def write_diffusers(stage: Path, model: BaseModelFiles, new: dict[str, torch.Tensor]) -> list[Path]:
+def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> list[str]:
+    """Copy ``src`` to ``dst`` with the tensors in ``new`` overwritten in place; returns the keys."""
+    return copy_patched(src, dst, new)[0]
+
+
+def write_diffusers(
+    stage: Path, model: BaseModelFiles, new: dict[str, torch.Tensor], hashes: HashBook | None = None
+) -> list[Path]:
     """Write a complete diffusers pipeline folder in which only ``new`` tensors differ from the base.
 
-    Component folders listed in model_index.json are copied; the denoiser folder receives its
+    Files of the component folders listed in model_index.json are copied (and hashed in the same
+    pass); the denoiser folder receives its
     config and the patched safetensors files only (a stale fp16/.bin copy of the unedited weights
     would otherwise load silently); weight files at the top level are not copied.
+
+    Args:
+        stage: the staging folder.
+        model: the base model.
+        new: edited tensors by denoiser key.
+        hashes: receives the sha256 of each patched file and its source, computed while copying.
 
     Returns:
         The written files, relative to ``stage``.
@@ -146,10 +217,11 @@ def write_diffusers(stage: Path, model: BaseModelFiles, new: dict[str, torch.Ten
                 continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src in model.denoiser_files:
-            patch_safetensors(src, dst, new)
-        else:
-            shutil.copyfile(src, dst)
+        # A copy, never a hard link: rewriting an output file in place must not touch the base.
+        _, src_sha, dst_sha = copy_patched(src, dst, new if src in model.denoiser_files else {})
+        if hashes is not None:
+            hashes.record(src, src_sha)
+            hashes.record(dst, dst_sha)
         written.append(rel)
     return written
 

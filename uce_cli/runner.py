@@ -14,8 +14,9 @@ from uce_cli.cache import preserve_key
 from uce_cli.editlog import build_edit_log
 from uce_cli.encode import token_counts
 from uce_cli.errors import OutputError
+from uce_cli.formats import edit_metadata, write_formats
+from uce_cli.formats.files import text_encoder_weights_sha256
 from uce_cli.model import (
-    combined_sha256,
     load_text_encoder,
     load_tokenizer,
     open_model,
@@ -24,14 +25,11 @@ from uce_cli.model import (
     text_encoder_files,
 )
 from uce_cli.outputs import (
-    DELTA_FILE,
     EDIT_LOG_FILE,
+    HashBook,
     check_destination,
     finalize,
-    sha256_file,
     staging_dir,
-    write_delta,
-    write_diffusers,
     write_json,
 )
 from uce_cli.plan import EditPlan
@@ -104,18 +102,16 @@ def run_apply(
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
     tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
-    te_files = text_encoder_files(model)
-    base_hashes = {
-        str(p.relative_to(model.root)): sha256_file(p) for p in [*model.denoiser_files, *te_files]
-    }
-    encoder_sha = combined_sha256([base_hashes[str(p.relative_to(model.root))] for p in te_files])
+    # One identity for the text encoder (its weights, not its file layout): the preserve cache
+    # key, the operator/LoRA metadata and the edit log all use it.
+    encoder_id = text_encoder_weights_sha256(model.root)
     progress.finish()
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     cache_key = (
         preserve_key(
-            encoder_sha,
+            encoder_id,
             plan.preserve,
             plan.alignment,
             tokenizer.model_max_length,
@@ -142,39 +138,20 @@ def run_apply(
     t0 = time.perf_counter()
     progress.start("save")
     stage = staging_dir(out)
+    hashes = HashBook()
     try:
-        files: list[Path] = []
-        if "diffusers" in plan.formats:
-            files += write_diffusers(stage, model, new)
-        prefixed = {f"{model.denoiser}.{key}": w for key, w in new.items()}
-        if "delta" in plan.formats:
-            write_delta(
-                stage / DELTA_FILE,
-                prefixed,
-                {
-                    "format": "uce-delta",
-                    "uce_version": build_edit_log()["versions"]["uce"],
-                    "base_model": plan.model,
-                    "base_revision": plan.revision or "",
-                    "recipe_sha256": plan.recipe_sha256,
-                    "alignment": plan.alignment,
-                },
-            )
-            files.append(Path(DELTA_FILE))
-        from uce_cli.formats import edit_metadata, write_formats
-
-        extra = write_formats(
+        written = write_formats(
             stage,
             model,
-            [f for f in plan.formats if f not in ("diffusers", "delta")],
+            plan.formats,
             old,
             new,
-            edit_metadata(plan),
+            {**edit_metadata(plan), "text_encoder_weights_sha256": encoder_id},
             k=k,
             projections=plan.projections,
             lora_rank=lora_rank,
+            hashes=hashes,
         )
-        files += extra.files
         timings["save"] = time.perf_counter() - t0
         shapes = {t.key: list(t.shape) for t in model.kv}
         log = build_edit_log(
@@ -185,8 +162,11 @@ def run_apply(
                 "spec": plan.model,
                 "revision": plan.revision,
                 "path": str(model.root),
-                "files": base_hashes,
-                "text_encoder_sha256": encoder_sha,
+                "files": {
+                    str(p.relative_to(model.root)): hashes.sha256(p)
+                    for p in [*model.denoiser_files, *text_encoder_files(model)]
+                },
+                "text_encoder_weights_sha256": encoder_id,
             },
             device=str(run_device),
             dtype=str(run_dtype).removeprefix("torch."),
@@ -210,12 +190,12 @@ def run_apply(
                 f"{model.denoiser}.{key}": {
                     "shape": shapes[key],
                     **m,
-                    **extra.layers.get(f"{model.denoiser}.{key}", {}),
+                    **written.layers.get(f"{model.denoiser}.{key}", {}),
                 }
                 for key, m in metrics.items()
             },
             timings={k_: round(v, 4) for k_, v in timings.items()},
-            outputs={str(f): sha256_file(stage / f) for f in files},
+            outputs={str(f): hashes.sha256(stage / f) for f in written.files},
         )
         write_json(stage / EDIT_LOG_FILE, log)
         finalize(stage, out, force)

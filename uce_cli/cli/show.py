@@ -13,6 +13,11 @@ from uce_cli.console import out
 from uce_cli.editlog import read_edit_log
 
 
+def _fmt(value: object, spec: str) -> str:
+    """A figure, or "—" where this kind of log has none (merge/transfer logs lack residuals)."""
+    return format(value, spec) if isinstance(value, int | float) else "—"
+
+
 def layer_table(layers: dict[str, dict]) -> Table:
     """Per-layer figures of an edit log."""
     table = Table(title="layers", show_lines=False)
@@ -28,11 +33,11 @@ def layer_table(layers: dict[str, dict]) -> Table:
     for name, m in layers.items():
         table.add_row(
             name.removesuffix(".weight"),
-            "×".join(str(s) for s in m["shape"]),
-            f"{m['rel_delta']:.3e}",
-            f"{m['residual_before']:.4f}",
-            f"{m['residual_after']:.4f}",
-            f"{m['preserve_drift']:.3e}",
+            "×".join(str(s) for s in m.get("shape", [])),
+            _fmt(m.get("rel_delta"), ".3e"),
+            _fmt(m.get("residual_before"), ".4f"),
+            _fmt(m.get("residual_after"), ".4f"),
+            _fmt(m.get("preserve_drift"), ".3e"),
         )
     return table
 
@@ -50,7 +55,8 @@ def summary_table(log: dict) -> Table:
         "alignment": plan.get("alignment", "?"),
         "edit prompts / vectors": f"{plan.get('edit_prompts')} / {plan.get('edit_vectors')}",
         "preserve prompts / vectors": f"{plan.get('preserve_prompts')} / {plan.get('preserve_vectors')}",
-        "λ, s_e, s_p": f"{solver.get('lambda')}, {solver.get('erase_scale')}, {solver.get('preserve_scale'):.4g}",
+        "λ, s_e, s_p": f"{solver.get('lambda', '—')}, {solver.get('erase_scale', '—')}, "
+        f"{_fmt(solver.get('preserve_scale'), '.4g')}",
         "operator rank": f"{solver.get('operator_rank')} of {solver.get('width')}",
         "timings (s)": ", ".join(f"{k} {v:.2f}" for k, v in log.get("timings", {}).items()),
         "versions": ", ".join(f"{k} {v}" for k, v in log.get("versions", {}).items()),

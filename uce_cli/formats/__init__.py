@@ -48,7 +48,7 @@ from uce_cli.formats.operator import (
     write_operator,
 )
 from uce_cli.model import BaseModelFiles, open_model, weight_dtype
-from uce_cli.outputs import DELTA_FILE, write_delta, write_diffusers
+from uce_cli.outputs import DELTA_FILE, HashBook, write_delta, write_diffusers
 from uce_cli.plan import EditPlan
 from uce_cli.recipe import OUTPUT_FORMATS
 from uce_cli.singlefile import UNET_PREFIX, ldm_kv_names, read_single_file_kv
@@ -122,6 +122,7 @@ def write_formats(
     k: torch.Tensor | None = None,
     projections: list[str] | None = None,
     lora_rank: int | None = None,
+    hashes: HashBook | None = None,
 ) -> Written:
     """Write the edit ``old → new`` (diffusers k/v keys) of ``model`` in each requested format.
 
@@ -135,6 +136,7 @@ def write_formats(
             for the operator format).
         projections: the projections K applies to (operator format).
         lora_rank: truncate LoRA factors to this rank (None: exact).
+        hashes: receives file hashes computed while copying (diffusers format).
 
     Raises:
         EditFileError: unknown format, a bad LoRA rank, or the operator format without an operator.
@@ -153,7 +155,7 @@ def write_formats(
         )
     prefixed = {f"{model.denoiser}.{key}": w for key, w in new.items()}
     if "diffusers" in formats:
-        written.files += write_diffusers(stage, model, new)
+        written.files += write_diffusers(stage, model, new, hashes)
     if "delta" in formats:
         write_delta(stage / DELTA_FILE, prefixed, {**meta, "format": "uce-delta"})
         written.files.append(Path(DELTA_FILE))
