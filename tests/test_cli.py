@@ -129,8 +129,10 @@ def test_apply_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     # hashes computed while copying equal a fresh read of every file, base and output alike
     for rel, digest in log["outputs"].items():
         assert sha256_file(out / rel) == digest, rel
+    assert set(log["base_model"]["files"]) >= {"unet/diffusion_pytorch_model.safetensors"}
     for rel, digest in log["base_model"]["files"].items():
         assert sha256_file(tiny_model / rel) == digest, rel
+    assert len(log["base_model"]["kv_weights_sha256"]) == 64
     assert set(log["outputs"]) >= {"model_index.json", "vae/config.json", "edit.safetensors"}
     umask = os.umask(0)
     os.umask(umask)

@@ -101,12 +101,83 @@ class HashBook:
         """Remember the hash of a file as it is now."""
         self._known[self._identity(path)] = digest
 
+    def known(self, path: Path) -> str | None:
+        """The file's sha256 if it costs nothing: seen before, or a Hugging Face cache blob
+        (LFS blobs are named by their sha256, which the hub client verified on download)."""
+        hit = self._known.get(self._identity(path))
+        if hit is not None:
+            return hit
+        real = Path(os.path.realpath(path))
+        if (
+            real.parent.name == "blobs"
+            and len(real.name) == 64
+            and all(c in "0123456789abcdef" for c in real.name)
+        ):
+            return real.name
+        return None
+
     def sha256(self, path: Path) -> str:
-        """The file's sha256, computed only if this book has not seen the file."""
-        key = self._identity(path)
-        if key not in self._known:
-            self._known[key] = sha256_file(path)
-        return self._known[key]
+        """The file's sha256, computed only if it is not already known."""
+        digest = self.known(path)
+        if digest is None:
+            digest = sha256_file(path)
+            self.record(path, digest)
+        return digest
+
+
+def tensor_digests(path: Path, keys: set[str] | None = None) -> dict[str, str]:
+    """``key → "dtype|shape|sha256(bytes)"`` for the tensors of a safetensors file (all, or ``keys``).
+
+    Read with plain sequential reads, not mmap, so hashing a 0.5 GB text encoder does not count
+    against the process's resident memory.
+    """
+    data_start, header = _safetensors_layout(path)
+    entries = sorted(
+        (entry["data_offsets"], key, entry)
+        for key, entry in header.items()
+        if key != "__metadata__" and (keys is None or key in keys)
+    )
+    out: dict[str, str] = {}
+    with path.open("rb") as f:
+        for (begin, end), key, entry in entries:
+            f.seek(data_start + begin)
+            digest = hashlib.sha256()
+            remaining = end - begin
+            while remaining:
+                block = f.read(min(remaining, 1 << 24))
+                if not block:
+                    raise OutputError(
+                        f"{path}: truncated data for tensor {key} — the file is corrupt"
+                    )
+                digest.update(block)
+                remaining -= len(block)
+            out[key] = (
+                f"{SAFETENSORS_DTYPES.get(entry['dtype'], entry['dtype'])}|{entry['shape']}|{digest.hexdigest()}"
+            )
+    return out
+
+
+def digest_of(parts: dict[str, str]) -> str:
+    """One sha256 over ``name|description`` lines in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(parts):
+        digest.update(f"{name}|{parts[name]}\n".encode())
+    return digest.hexdigest()
+
+
+# safetensors dtype names → the torch names content hashes have always used
+SAFETENSORS_DTYPES = {
+    "F64": "torch.float64",
+    "F32": "torch.float32",
+    "F16": "torch.float16",
+    "BF16": "torch.bfloat16",
+    "I64": "torch.int64",
+    "I32": "torch.int32",
+    "I16": "torch.int16",
+    "I8": "torch.int8",
+    "U8": "torch.uint8",
+    "BOOL": "torch.bool",
+}
 
 
 def _safetensors_layout(path: Path) -> tuple[int, dict]:
@@ -164,12 +235,15 @@ def copy_patched(
                     if patched is block:
                         patched = bytearray(block)
                     patched[lo - offset : hi - offset] = payload[lo - begin : hi - begin]
-            jobs = [pool.submit(src_hash.update, block), pool.submit(dst_hash.update, patched)]
+            jobs = [pool.submit(src_hash.update, block)]
+            if spans:  # an unpatched copy has the source's hash: hash it once
+                jobs.append(pool.submit(dst_hash.update, patched))
             fout.write(patched)
             for job in jobs:
                 job.result()
             offset += len(block)
-    return [key for *_, key in spans], src_hash.hexdigest(), dst_hash.hexdigest()
+    src_sha = src_hash.hexdigest()
+    return [key for *_, key in spans], src_sha, dst_hash.hexdigest() if spans else src_sha
 
 
 def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> list[str]:

@@ -17,6 +17,7 @@ from uce_cli.errors import OutputError
 from uce_cli.formats import edit_metadata, write_formats
 from uce_cli.formats.files import text_encoder_weights_sha256
 from uce_cli.model import (
+    BaseModelFiles,
     load_text_encoder,
     load_tokenizer,
     open_model,
@@ -28,8 +29,10 @@ from uce_cli.outputs import (
     EDIT_LOG_FILE,
     HashBook,
     check_destination,
+    digest_of,
     finalize,
     staging_dir,
+    tensor_digests,
     write_json,
 )
 from uce_cli.plan import EditPlan
@@ -162,11 +165,16 @@ def run_apply(
                 "spec": plan.model,
                 "revision": plan.revision,
                 "path": str(model.root),
-                "files": {
-                    str(p.relative_to(model.root)): hashes.sha256(p)
-                    for p in [*model.denoiser_files, *text_encoder_files(model)]
-                },
+                # What the edit reads is hashed by content; whole-file hashes are recorded where
+                # they came for free (copied for the diffusers output, or a hub cache blob):
+                # hashing a 3.4 GB UNet only for the log would cost seconds.
                 "text_encoder_weights_sha256": encoder_id,
+                "kv_weights_sha256": kv_weights_sha256(model, keys),
+                "files": {
+                    str(p.relative_to(model.root)): hashes.known(p)
+                    for p in [*model.denoiser_files, *text_encoder_files(model)]
+                    if hashes.known(p) is not None
+                },
             },
             device=str(run_device),
             dtype=str(run_dtype).removeprefix("torch."),
@@ -205,6 +213,15 @@ def run_apply(
     finally:
         progress.finish()
     return ApplyResult(out, log)
+
+
+def kv_weights_sha256(model: BaseModelFiles, keys: list[str]) -> str:
+    """Content hash of the base k/v tensors an edit reads (names, dtypes, shapes, bytes)."""
+    parts: dict[str, str] = {}
+    wanted = set(keys)
+    for path in model.denoiser_files:
+        parts.update(tensor_digests(path, wanted))
+    return digest_of(parts)
 
 
 def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:

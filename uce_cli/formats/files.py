@@ -7,7 +7,6 @@ read with ``torch.load(weights_only=True)``, which restores tensors and plain co
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from uce_cli.errors import UceError
+from uce_cli.outputs import digest_of, tensor_digests
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
@@ -122,14 +122,11 @@ def text_encoder_weights_sha256(root: Path) -> str:
         raise EditFileError(f"{folder} has no safetensors weights to identify the text encoder by")
     parts: dict[str, str] = {}  # canonical name → "dtype|shape|sha256(bytes)"
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if key.endswith("position_ids"):
-                    continue
-                t = f.get_tensor(key).contiguous()
-                data = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
-                parts[key.removeprefix("text_model.")] = f"{t.dtype}|{list(t.shape)}|{data}"
-    digest = hashlib.sha256()
-    for name in sorted(parts):
-        digest.update(f"{name}|{parts[name]}\n".encode())
-    return digest.hexdigest()
+        try:
+            digests = tensor_digests(file)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EditFileError(f"cannot read {file}: {exc} — the file is corrupt") from None
+        for key, description in digests.items():
+            if not key.endswith("position_ids"):
+                parts[key.removeprefix("text_model.")] = description
+    return digest_of(parts)
