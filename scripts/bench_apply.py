@@ -10,7 +10,9 @@ its own child process so peak RSS is its own:
   (c) naive: the published reference's structure (for each layer: re-encode every (source, guide)
       pair and every preserve prompt, rank-1 sums in Python loops, explicit inverse) on 2 of the
       32 layers, extrapolated linearly to 32;
-  (d) the peak RSS of loading the full pipeline the usual way (`StableDiffusionPipeline.from_pretrained`).
+  (b2) a plain copy of the base folder: what writing any full diffusers output costs on this disk;
+  (d) the peak RSS of loading the full pipeline the usual way (`StableDiffusionPipeline.from_pretrained`,
+      then reading every weight once, as any use of it does).
 
 Prints a table; the last line is one JSON object. Usage:
     python scripts/bench_apply.py --quick
@@ -249,11 +251,26 @@ def main() -> None:
                    'seconds': seconds * len(keys) / layers, 'encoder_passes_total': passes * len(keys) // layers}}
         """
     )
+    copy = child(
+        f"""
+        import shutil
+        dest = {str(work / "bench-copy")!r}
+        shutil.rmtree(dest, ignore_errors=True)
+        t0 = time.perf_counter()
+        shutil.copytree({str(model)!r}, dest)
+        RESULT = {{'seconds': time.perf_counter() - t0}}
+        shutil.rmtree(dest)
+        """
+    )
     full = child(
         f"""
         from diffusers import StableDiffusionPipeline
         t0 = time.perf_counter()
         pipe = StableDiffusionPipeline.from_pretrained({str(model)!r}, safety_checker=None, requires_safety_checker=False)
+        # safetensors weights are memory-mapped lazily; any use of the pipeline reads them all
+        for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+            for p in part.parameters():
+                p.data.sum()
         RESULT = {{'seconds': time.perf_counter() - t0}}
         """
     )
@@ -269,6 +286,10 @@ def main() -> None:
         "naive_layers_measured": naive["layers_measured"],
         "naive_encoder_passes": naive["encoder_passes_total"],
         "apply_over_floor": round(apply["seconds"] / floor["seconds"], 3),
+        "copy_base_seconds": round(copy["seconds"], 3),
+        "apply_over_floor_plus_copy": round(
+            apply["seconds"] / (floor["seconds"] + copy["seconds"]), 3
+        ),
         "naive_over_apply": round(naive["seconds"] / apply["seconds"], 1),
         "apply_peak_rss_mb": round(apply["peak_rss_mb"]),
         "floor_peak_rss_mb": round(floor["peak_rss_mb"]),
@@ -291,6 +312,12 @@ def main() -> None:
             f"{floor['prompts']} prompts, {floor['kv_tensors']} k/v tensors",
         ),
         (
+            "(b2) copy the base folder (cp -r)",
+            f"{copy['seconds']:.2f} s",
+            f"{copy['peak_rss_mb']:.0f} MB",
+            "what writing any full diffusers output costs on this disk",
+        ),
+        (
             "(c) naive per-layer (extrapolated)",
             f"{naive['seconds']:.1f} s",
             f"{naive['peak_rss_mb']:.0f} MB",
@@ -311,7 +338,9 @@ def main() -> None:
     for name, t, rss, notes in rows:
         print(f"{name:38} {t:>10} {rss:>10}  {notes}")
     print(
-        f"apply/floor {summary['apply_over_floor']}  naive/apply {summary['naive_over_apply']}  "
+        f"apply/floor {summary['apply_over_floor']}  "
+        f"apply/(floor+copy) {summary['apply_over_floor_plus_copy']}  "
+        f"naive/apply {summary['naive_over_apply']}  "
         f"rss apply/full {summary['rss_ratio']}"
     )
     print(json.dumps(summary))
