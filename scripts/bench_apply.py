@@ -213,8 +213,19 @@ def main() -> None:
         RESULT = {{'seconds': time.perf_counter() - t0, 'prompts': n, 'kv_tensors': len(kv)}}
         """
     )
-    naive = child(
-        f"""
+    skip_naive = {
+        "seconds": None,
+        "seconds_measured": 0.0,
+        "layers_measured": 0,
+        "layers_total": 32,
+        "encoder_passes_total": 0,
+        "peak_rss_mb": 0.0,
+    }
+    naive = (
+        skip_naive
+        if args.naive_layers == 0
+        else child(
+            f"""
         sys.path.insert(0, {repo!r})
         import torch
         from uce_cli.plan import plan_recipe
@@ -250,6 +261,7 @@ def main() -> None:
         RESULT = {{'seconds_measured': seconds, 'layers_measured': layers, 'layers_total': len(keys),
                    'seconds': seconds * len(keys) / layers, 'encoder_passes_total': passes * len(keys) // layers}}
         """
+        )
     )
     copy = child(
         f"""
@@ -282,7 +294,7 @@ def main() -> None:
         "apply_seconds": round(apply["seconds"], 3),
         "apply_stages": apply["stages"],
         "floor_seconds": round(floor["seconds"], 3),
-        "naive_seconds_extrapolated": round(naive["seconds"], 1),
+        "naive_seconds_extrapolated": naive["seconds"] and round(naive["seconds"], 1),
         "naive_layers_measured": naive["layers_measured"],
         "naive_encoder_passes": naive["encoder_passes_total"],
         "apply_over_floor": round(apply["seconds"] / floor["seconds"], 3),
@@ -290,7 +302,7 @@ def main() -> None:
         "apply_over_floor_plus_copy": round(
             apply["seconds"] / (floor["seconds"] + copy["seconds"]), 3
         ),
-        "naive_over_apply": round(naive["seconds"] / apply["seconds"], 1),
+        "naive_over_apply": naive["seconds"] and round(naive["seconds"] / apply["seconds"], 1),
         "apply_peak_rss_mb": round(apply["peak_rss_mb"]),
         "floor_peak_rss_mb": round(floor["peak_rss_mb"]),
         "full_pipeline_peak_rss_mb": round(full["peak_rss_mb"]),
@@ -319,7 +331,7 @@ def main() -> None:
         ),
         (
             "(c) naive per-layer (extrapolated)",
-            f"{naive['seconds']:.1f} s",
+            f"{naive['seconds']:.1f} s" if naive["seconds"] else "skipped",
             f"{naive['peak_rss_mb']:.0f} MB",
             f"measured {naive['seconds_measured']:.1f} s on {naive['layers_measured']} of "
             f"{naive['layers_total']} layers, linear extrapolation; {naive['encoder_passes_total']} encoder passes",

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from uce_cli.errors import OutputError
 from uce_cli.formats.files import text_encoder_weights_sha256
-from uce_cli.outputs import HashBook, copy_patched, sha256_file, tensor_digests
+from uce_cli.outputs import HashBook, patch_safetensors, sha256_file, tensor_digests
 
 
 @pytest.fixture()
@@ -24,27 +24,20 @@ def weights(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("chunk", [64 << 20, 1000, 4096])  # patches straddle chunk boundaries
-def test_copy_patched_changes_only_the_patched_tensors(
-    weights: Path, tmp_path: Path, chunk: int
-) -> None:
+def test_patch_changes_only_the_patched_tensors(weights: Path, tmp_path: Path) -> None:
     dst = tmp_path / "out.safetensors"
     new = {"t2": torch.ones(300, 70), "h": torch.zeros(5).half(), "absent": torch.ones(1)}
-    keys, src_sha, dst_sha = copy_patched(weights, dst, new, chunk=chunk)
+    keys = patch_safetensors(weights, dst, new)
     assert sorted(keys) == ["h", "t2"]
-    assert (src_sha, dst_sha) == (sha256_file(weights), sha256_file(dst))
     before, after = load_file(str(weights)), load_file(str(dst))
     assert torch.equal(after["t2"], new["t2"]) and torch.equal(after["h"], new["h"])
     assert all(torch.equal(before[k], after[k]) for k in before if k not in ("t2", "h"))
+    assert weights.stat().st_size == dst.stat().st_size  # same header, same offsets
     with safe_open(str(dst), "pt") as f:
         assert f.metadata() == {"note": "x"}
-
-
-def test_copy_unpatched_hashes_once_and_refuses_misfit(weights: Path, tmp_path: Path) -> None:
-    _, src_sha, dst_sha = copy_patched(weights, tmp_path / "copy", {})
-    assert src_sha == dst_sha == sha256_file(tmp_path / "copy")
     with pytest.raises(OutputError, match="t1: edited tensor \\(2, 2\\) does not fit"):
-        copy_patched(weights, tmp_path / "bad", {"t1": torch.ones(2, 2)})
+        patch_safetensors(weights, tmp_path / "bad", {"t1": torch.ones(2, 2)})
+    assert not (tmp_path / "bad").exists()  # refused before copying
 
 
 def test_hash_book(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,6 +57,12 @@ def test_hash_book(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     link = tmp_path / "snapshot.safetensors"
     link.symlink_to(blob)
     assert book.known(link) == "ab" * 32
+    monkeypatch.undo()
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"other")
+    many = HashBook().sha256_many([other, weights, link])
+    assert list(many) == [other, weights, link]
+    assert many[other] == sha256_file(other) and many[link] == "ab" * 32
 
 
 def test_tensor_digests_are_content_hashes(weights: Path) -> None:

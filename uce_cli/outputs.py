@@ -124,6 +124,14 @@ class HashBook:
             self.record(path, digest)
         return digest
 
+    def sha256_many(self, paths: list[Path], workers: int = 2) -> dict[Path, str]:
+        """Hashes of several files, the unknown ones computed in parallel (hashlib releases the
+        GIL), largest first so the longest hash starts first."""
+        order = sorted(paths, key=lambda p: os.stat(p).st_size, reverse=True)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            digests = dict(zip(order, pool.map(self.sha256, order), strict=True))
+        return {p: digests[p] for p in paths}
+
 
 def tensor_digests(path: Path, keys: set[str] | None = None) -> dict[str, str]:
     """``key → "dtype|shape|sha256(bytes)"`` for the tensors of a safetensors file (all, or ``keys``).
@@ -193,20 +201,18 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def copy_patched(
-    src: Path, dst: Path, new: dict[str, torch.Tensor], chunk: int = 64 << 20
-) -> tuple[list[str], str, str]:
-    """Copy ``src`` to ``dst`` in one pass, overwriting the bytes of the tensors in ``new``.
+def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> list[str]:
+    """Copy ``src`` to ``dst`` and overwrite the bytes of the tensors in ``new`` in place.
 
-    Shapes and dtypes must match the file's, so the header and every offset stay the same and
-    every other tensor is bit-identical. The sha256 of the source and of the result are computed
-    in the same pass, in worker threads (hashlib releases the GIL), while the chunks are written.
+    The copy is the kernel's (``shutil.copyfile``: several times faster than copying through
+    Python); shapes and dtypes must match the file's, so the header and every offset stay the same
+    and every other tensor is bit-identical.
 
     Returns:
-        The keys patched, the source's sha256 and the result's sha256.
+        The keys patched.
     """
-    data_start, header = _safetensors_layout(src) if new else (0, {})
-    spans: list[tuple[int, int, bytes, str]] = []  # absolute [begin, end) → new bytes, key
+    data_start, header = _safetensors_layout(src)
+    spans: list[tuple[int, bytes, str]] = []
     for key, tensor in new.items():
         entry = header.get(key)
         if entry is None:
@@ -218,37 +224,13 @@ def copy_patched(
                 f"{key}: edited tensor {tuple(tensor.shape)} does not fit {src.name}'s "
                 f"{tuple(entry['shape'])} {entry['dtype']} slot"
             )
-        spans.append((data_start + begin, data_start + end, payload, key))
-    spans.sort()
-    src_hash, dst_hash = hashlib.sha256(), hashlib.sha256()
-    with (
-        src.open("rb") as fin,
-        dst.open("wb") as fout,
-        ThreadPoolExecutor(max_workers=2) as pool,
-    ):
-        offset = 0
-        while block := fin.read(chunk):
-            patched: bytes | bytearray = block
-            for begin, end, payload, _ in spans:
-                lo, hi = max(begin, offset), min(end, offset + len(block))
-                if lo < hi:
-                    if patched is block:
-                        patched = bytearray(block)
-                    patched[lo - offset : hi - offset] = payload[lo - begin : hi - begin]
-            jobs = [pool.submit(src_hash.update, block)]
-            if spans:  # an unpatched copy has the source's hash: hash it once
-                jobs.append(pool.submit(dst_hash.update, patched))
-            fout.write(patched)
-            for job in jobs:
-                job.result()
-            offset += len(block)
-    src_sha = src_hash.hexdigest()
-    return [key for *_, key in spans], src_sha, dst_hash.hexdigest() if spans else src_sha
-
-
-def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> list[str]:
-    """Copy ``src`` to ``dst`` with the tensors in ``new`` overwritten in place; returns the keys."""
-    return copy_patched(src, dst, new)[0]
+        spans.append((data_start + begin, payload, key))
+    shutil.copyfile(src, dst)
+    with dst.open("r+b") as f:
+        for offset, payload, _ in sorted(spans):
+            f.seek(offset)
+            f.write(payload)
+    return [key for *_, key in spans]
 
 
 def write_diffusers(
@@ -256,8 +238,8 @@ def write_diffusers(
 ) -> list[Path]:
     """Write a complete diffusers pipeline folder in which only ``new`` tensors differ from the base.
 
-    Files of the component folders listed in model_index.json are copied (and hashed in the same
-    pass); the denoiser folder receives its
+    Files of the component folders listed in model_index.json are copied; the denoiser folder
+    receives its
     config and the patched safetensors files only (a stale fp16/.bin copy of the unedited weights
     would otherwise load silently); weight files at the top level are not copied.
 
@@ -265,7 +247,7 @@ def write_diffusers(
         stage: the staging folder.
         model: the base model.
         new: edited tensors by denoiser key.
-        hashes: receives the sha256 of each patched file and its source, computed while copying.
+        hashes: learns the hash of each unchanged copy whose source's hash it already knows.
 
     Returns:
         The written files, relative to ``stage``.
@@ -292,10 +274,12 @@ def write_diffusers(
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         # A copy, never a hard link: rewriting an output file in place must not touch the base.
-        _, src_sha, dst_sha = copy_patched(src, dst, new if src in model.denoiser_files else {})
-        if hashes is not None:
-            hashes.record(src, src_sha)
-            hashes.record(dst, dst_sha)
+        if src in model.denoiser_files:
+            patch_safetensors(src, dst, new)
+        else:
+            shutil.copyfile(src, dst)
+            if hashes is not None and (digest := hashes.known(src)) is not None:
+                hashes.record(dst, digest)  # an unchanged copy has its source's hash
         written.append(rel)
     return written
 

@@ -203,7 +203,14 @@ def run_apply(
                 for key, m in metrics.items()
             },
             timings={k_: round(v, 4) for k_, v in timings.items()},
-            outputs={str(f): hashes.sha256(stage / f) for f in written.files},
+            outputs={
+                str(f): digest
+                for f, digest in zip(
+                    written.files,
+                    hashes.sha256_many([stage / f for f in written.files]).values(),
+                    strict=True,
+                )
+            },
         )
         write_json(stage / EDIT_LOG_FILE, log)
         finalize(stage, out, force)
