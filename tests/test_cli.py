@@ -114,7 +114,7 @@ def test_apply_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     for figures in log["layers"].values():
         assert figures["residual_after"] < figures["residual_before"]
         assert 0 < figures["rel_delta"] and figures["preserve_drift"] >= 0
-    assert set(log["timings"]) == {"load", "encode", "solve", "save"}
+    assert set(log["timings"]) == {"load", "encode", "solve", "save", "hash_and_log"}
     assert set(log["versions"]) >= {"uce", "torch", "diffusers", "transformers"}
     assert "unet/diffusion_pytorch_model.safetensors" in log["outputs"]
     assert log["plan"]["pairs"][0]["source_start"] >= 1

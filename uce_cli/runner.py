@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,13 @@ def run_apply(
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
-    tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
     # One identity for the text encoder (its weights, not its file layout): the preserve cache
-    # key, the operator/LoRA metadata and the edit log all use it.
-    encoder_id = text_encoder_weights_sha256(model.root)
+    # key, the operator/LoRA metadata and the edit log all use it. Hashing releases the GIL, so
+    # it runs beside the encoder's loading.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
+        tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
+        encoder_id = encoder_hash.result()
     progress.finish()
     timings["load"] = time.perf_counter() - t0
 
@@ -156,6 +160,7 @@ def run_apply(
             hashes=hashes,
         )
         timings["save"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         shapes = {t.key: list(t.shape) for t in model.kv}
         log = build_edit_log(
             recipe_file=plan.source_file,
@@ -212,6 +217,7 @@ def run_apply(
                 )
             },
         )
+        log["timings"]["hash_and_log"] = round(time.perf_counter() - t0, 4)
         write_json(stage / EDIT_LOG_FILE, log)
         finalize(stage, out, force)
     except BaseException:
