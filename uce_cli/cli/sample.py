@@ -185,7 +185,8 @@ def _run(
     json_out: bool,
 ) -> None:
     """Read the prompts, sample, render the result."""
-    from uce_cli.sample import SampleOptions, prompts_from_text, read_prompts_csv, run_sample
+    from uce_cli.prompts import prompts_from_text, read_prompts_csv
+    from uce_cli.sample import SampleOptions, run_sample
 
     if prompts_file is not None:
         rows = read_prompts_csv(prompts_file, limit, allow_empty)
