@@ -146,7 +146,8 @@ def write_formats(
     if not formats:
         return written
     meta = dict(metadata)
-    meta.setdefault("text_encoder_weights_sha256", text_encoder_weights_sha256(model.root))
+    if "text_encoder_weights_sha256" not in meta:  # hashing reads the whole text encoder
+        meta["text_encoder_weights_sha256"] = text_encoder_weights_sha256(model.root)
     if any(f.startswith("lora") for f in formats):
         check_rank(lora_rank, {f"{model.denoiser}.{key}": tuple(w.shape) for key, w in new.items()})
     if "operator" in formats and k is None:
