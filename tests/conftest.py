@@ -43,25 +43,39 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def erased_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Output folder of a finished paper-mode erase on the tiny model (diffusers + delta + log)."""
-    from uce_cli.plan import plan_recipe
-    from uce_cli.runner import run_apply
-
-    work = tmp_path_factory.mktemp("erased")
-    recipe = write_recipe(
-        work,
-        f"""
-model: {tiny_model}
+# The erase most format/verify tests share: two multi-token artists, two preserved ones.
+ERASE_RECIPE = """
 erase:
   - concepts: [Kelly Mckernan, Thomas Kinkade]
     templates: art
 preserve:
   - concepts: [Claude Monet, Rembrandt]
-""",
-    )
-    return run_apply(plan_recipe(recipe), out=work / "out", device="cpu").out
+"""
+
+
+def apply_recipe(
+    model: Path | str,
+    folder: Path,
+    formats: list[str] | None = None,
+    lora_rank: int | None = None,
+    body: str = ERASE_RECIPE,
+) -> Path:
+    """Run ``body`` on ``model`` into ``folder/out`` (formats override the recipe's); return it."""
+    from uce_cli.plan import plan_recipe
+    from uce_cli.runner import run_apply
+
+    plan = plan_recipe(write_recipe(folder, f"model: {model}\n{body}"))
+    if formats is not None:
+        plan.formats = formats
+    return run_apply(
+        plan, out=folder / "out", device="cpu", lora_rank=lora_rank, use_cache=False
+    ).out
+
+
+@pytest.fixture(scope="session")
+def erased_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of a finished paper-mode erase on the tiny model (diffusers + delta + log)."""
+    return apply_recipe(tiny_model, tmp_path_factory.mktemp("erased"))
 
 
 @pytest.fixture()

@@ -11,22 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from tests.conftest import write_recipe
+from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
 from uce_cli.cli import app
 from uce_cli.formats import FORMATS
 from uce_cli.formats.lora import KOHYA_FILE, LORA_FILE, check_rank, factorize_delta
 from uce_cli.model import open_model
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
 
 runner = CliRunner()
-RECIPE = """
-erase:
-  - concepts: [Kelly Mckernan, Thomas Kinkade]
-    templates: art
-preserve:
-  - concepts: [Claude Monet, Rembrandt]
-"""
 
 
 def run(*args: object):  # noqa: ANN201
@@ -45,20 +36,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def apply(
-    model: Path | str, folder: Path, formats: list[str], lora_rank: int | None = None
-) -> Path:
-    plan = plan_recipe(write_recipe(folder, f"model: {model}\n{RECIPE}"))
-    plan.formats = formats
-    return run_apply(
-        plan, out=folder / "out", device="cpu", lora_rank=lora_rank, use_cache=False
-    ).out
-
-
 @pytest.fixture(scope="module")
 def edited(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One apply on the tiny model, written in every format."""
-    return apply(tiny_model, tmp_path_factory.mktemp("formats"), list(FORMATS))
+    return apply_recipe(tiny_model, tmp_path_factory.mktemp("formats"), list(FORMATS))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +115,7 @@ def test_lora_rank_is_exact_by_default_and_truncation_reports_error(
 
     exact = json.loads((edited / "edit_log.json").read_text())["layers"]
     assert all(m["lora_rel_error"] < 1e-7 for m in exact.values())  # exact to float32
-    out = apply(tiny_model, tmp_path, ["lora"], lora_rank=4)
+    out = apply_recipe(tiny_model, tmp_path, ["lora"], lora_rank=4)
     layers = json.loads((out / "edit_log.json").read_text())["layers"]
     factors = load_file(out / LORA_FILE)
     base = open_model(str(tiny_model)).read_kv()
@@ -159,7 +140,7 @@ def test_factorize_delta_is_exact_at_numerical_rank() -> None:
 
 
 def test_bad_lora_rank_and_unknown_format_are_refused(tiny_model: Path, tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, f"model: {tiny_model}\n{RECIPE}")
+    recipe = write_recipe(tmp_path, f"model: {tiny_model}\n{ERASE_RECIPE}")
     assert_error(
         run("apply", recipe, "--out", tmp_path / "a", "--format", "lora", "--lora-rank", "33"),
         "--lora-rank 33 exceeds layer unet.",
@@ -177,7 +158,9 @@ def test_bad_lora_rank_and_unknown_format_are_refused(tiny_model: Path, tmp_path
         run("apply", recipe, "--out", tmp_path / "d", "--lora-rank", "2"), "add --format lora"
     )
     bad = write_recipe(
-        tmp_path, f"model: {tiny_model}\n{RECIPE}output: {{formats: [lora, bogus]}}\n", "bad.yaml"
+        tmp_path,
+        f"model: {tiny_model}\n{ERASE_RECIPE}output: {{formats: [lora, bogus]}}\n",
+        "bad.yaml",
     )
     assert_error(run("validate", bad), "output.formats.1")
     assert not any((tmp_path / n).exists() for n in "abcd")
@@ -202,7 +185,7 @@ def test_transfer_equals_fresh_apply_on_the_other_model(
     )
     assert result.exit_code == 0, result.stderr
     moved = open_model(str(tmp_path / "t")).read_kv()
-    fresh = open_model(str(apply(other_model, tmp_path / "fresh", ["diffusers"]))).read_kv()
+    fresh = open_model(str(apply_recipe(other_model, tmp_path / "fresh", ["diffusers"]))).read_kv()
     assert set(moved) == set(fresh) and len(moved) == 14
     assert max(rel(moved[k], fresh[k]) for k in fresh) < 1e-5
     assert (

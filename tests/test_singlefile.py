@@ -10,12 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from tests.conftest import write_recipe
+from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
 from uce_cli.cli import app
 from uce_cli.formats import checkpoint
 from uce_cli.model import open_model
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
 from uce_cli.singlefile import (
     UNET_PREFIX,
     kv_key_from_ldm,
@@ -26,19 +24,6 @@ from uce_cli.singlefile import (
 )
 
 runner = CliRunner()
-RECIPE = """
-erase:
-  - concepts: [Kelly Mckernan, Thomas Kinkade]
-    templates: art
-preserve:
-  - concepts: [Claude Monet, Rembrandt]
-"""
-
-
-def apply(model: Path | str, folder: Path, formats: list[str]) -> Path:
-    plan = plan_recipe(write_recipe(folder, f"model: {model}\n{RECIPE}"))
-    plan.formats = formats
-    return run_apply(plan, out=folder / "out", device="cpu", use_cache=False).out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,7 +40,7 @@ def single(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def edited(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return apply(tiny_model, tmp_path_factory.mktemp("edited"), ["diffusers", "single-file"])
+    return apply_recipe(tiny_model, tmp_path_factory.mktemp("edited"), ["diffusers", "single-file"])
 
 
 def test_kv_mapping_sd1_layout_both_ways() -> None:
@@ -145,7 +130,7 @@ def test_single_file_output_loads_with_diffusers_from_single_file(
 def test_single_file_input_gives_a_patched_copy(
     single: Path, tiny_model: Path, edited: Path, tmp_path: Path
 ) -> None:
-    out = apply(single, tmp_path, ["single-file", "diffusers", "delta"])
+    out = apply_recipe(single, tmp_path, ["single-file", "diffusers", "delta"])
     src, dst = out / "model.safetensors", single
     with safe_open(str(src), "pt") as a, safe_open(str(dst), "pt") as b:
         assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
@@ -179,7 +164,7 @@ def test_pickle_checkpoint_needs_allow_pickle(
 ) -> None:
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(single)}, ckpt)
-    recipe = write_recipe(tmp_path, f"model: {ckpt}\n{RECIPE}")
+    recipe = write_recipe(tmp_path, f"model: {ckpt}\n{ERASE_RECIPE}")
     refused = runner.invoke(
         app, ["apply", str(recipe), "--out", str(tmp_path / "a"), "--format", "delta"]
     )

@@ -9,12 +9,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from tests.conftest import write_recipe
+from tests.conftest import apply_recipe
 from uce_cli.cli import app
 from uce_cli.formats import FORMATS
 from uce_cli.formats.verify import compare_edits
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
 
 runner = CliRunner()
 
@@ -22,12 +20,8 @@ runner = CliRunner()
 def apply(
     model: Path, folder: Path, concepts: str, formats: list[str], lora_rank: int | None = None
 ) -> Path:
-    recipe = f"model: {model}\nerase:\n  - concepts: [{concepts}]\n    templates: art\npreserve:\n  - concepts: [Rembrandt]\n"
-    plan = plan_recipe(write_recipe(folder, recipe))
-    plan.formats = formats
-    return run_apply(
-        plan, out=folder / "out", device="cpu", lora_rank=lora_rank, use_cache=False
-    ).out
+    body = f"erase:\n  - concepts: [{concepts}]\n    templates: art\npreserve:\n  - concepts: [Rembrandt]\n"
+    return apply_recipe(model, folder, formats, lora_rank, body)
 
 
 @pytest.fixture(scope="module")

@@ -176,9 +176,9 @@ def run_apply(
                 "text_encoder_weights_sha256": encoder_id,
                 "kv_weights_sha256": kv_weights_sha256(model, keys),
                 "files": {
-                    str(p.relative_to(model.root)): hashes.known(p)
+                    str(p.relative_to(model.root)): digest
                     for p in [*model.denoiser_files, *text_encoder_files(model)]
-                    if hashes.known(p) is not None
+                    if (digest := hashes.known(p)) is not None
                 },
             },
             device=str(run_device),
