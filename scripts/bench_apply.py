@@ -14,20 +14,31 @@ its own child process so peak RSS is its own:
   (d) the peak RSS of loading the full pipeline the usual way (`StableDiffusionPipeline.from_pretrained`,
       then reading every weight once, as any use of it does).
 
-Prints a table; the last line is one JSON object. Usage:
+Prints a table, the disk it needed, and, last, one JSON object. Usage:
     python scripts/bench_apply.py --quick
     python scripts/bench_apply.py --erase 5 --preserve 50
+    python scripts/bench_apply.py --quick --formats delta --work /data/bench   # keep the model
+
+Disk: the random SD-1.4 model takes 4.3 GB (fp32), the apply output as much again with the
+diffusers format (a few hundred MB with delta only), and (b2) copies the model once: about 13 GB
+at the peak with the default formats. Without ``--work`` everything goes into a fresh temporary
+folder (under $TMPDIR) that is removed on exit, also after an error, Ctrl-C or SIGTERM; with
+``--work DIR`` the folder is kept, so later runs reuse its model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 ARTISTS_FALLBACK = [f"Artist Number {i} Of The Benchmark" for i in range(2000)]
@@ -141,6 +152,40 @@ def child(code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def disk_usage(folder: Path) -> int:
+    """Bytes a folder takes on disk (allocated blocks, hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that removes the folder
+
+
+@contextlib.contextmanager
+def work_folder(requested: Path | None) -> Iterator[Path]:
+    """``--work`` as given (kept), else a fresh temporary folder removed on any exit."""
+    if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)
+        yield requested
+        return
+    folder = Path(tempfile.mkdtemp(prefix="uce-bench-"))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+        print(f"removed {folder}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -153,19 +198,28 @@ def main() -> None:
     parser.add_argument(
         "--naive-layers", type=int, default=2, help="layers the naive baseline runs"
     )
-    parser.add_argument("--work", type=Path, default=None, help="folder for the model and outputs")
     parser.add_argument(
-        "--formats", default="diffusers,delta", help="output formats of the apply run"
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the model and outputs, kept (default: a temporary folder, removed)",
+    )
+    parser.add_argument(
+        "--formats",
+        default="diffusers,delta",
+        help="output formats of the apply run, comma-separated (e.g. delta)",
     )
     args = parser.parse_args()
     if args.quick:
         args.erase, args.preserve = 2, 10
+    with work_folder(args.work) as work:
+        run_benchmark(args, work)
 
-    work = (
-        args.work or Path(os.environ.get("UCE_CACHE_DIR", Path.home() / ".cache" / "uce")) / "bench"
-    )
-    work.mkdir(parents=True, exist_ok=True)
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> None:
+    """Build (or reuse) the model in ``work``, measure every part, print the table and JSON."""
     model = build_model(work / "sd14-random-v1")
+    disk = {"model": disk_usage(model)}
     names = ARTISTS_FALLBACK
     erase, preserve = names[: args.erase], names[args.erase : args.erase + args.preserve]
     recipe = work / "bench-recipe.yaml"
@@ -195,6 +249,7 @@ def main() -> None:
                    'prompts': result.log['plan']['unique_prompts']}}
         """
     )
+    disk["apply_output"] = disk_usage(out)
     floor = child(
         f"""
         sys.path.insert(0, {repo!r})
@@ -265,15 +320,19 @@ def main() -> None:
     )
     copy = child(
         f"""
-        import shutil
+        import os, shutil
         dest = {str(work / "bench-copy")!r}
         shutil.rmtree(dest, ignore_errors=True)
         t0 = time.perf_counter()
         shutil.copytree({str(model)!r}, dest)
-        RESULT = {{'seconds': time.perf_counter() - t0}}
+        RESULT = {{'seconds': time.perf_counter() - t0,
+                   'bytes': sum(os.lstat(os.path.join(r, n)).st_blocks * 512
+                                for r, _, ns in os.walk(dest) for n in ns)}}
         shutil.rmtree(dest)
         """
     )
+    disk["copy"] = copy["bytes"]
+    peak_gb = sum(disk.values()) / 1e9
     full = child(
         f"""
         from diffusers import StableDiffusionPipeline
@@ -309,6 +368,7 @@ def main() -> None:
         "rss_ratio": round(apply["peak_rss_mb"] / full["peak_rss_mb"], 3),
         "formats": args.formats,
         "threads": os.cpu_count(),
+        "disk_peak_gb": round(peak_gb, 2),
     }
     rows = [
         (
@@ -354,6 +414,10 @@ def main() -> None:
         f"apply/(floor+copy) {summary['apply_over_floor_plus_copy']}  "
         f"naive/apply {summary['naive_over_apply']}  "
         f"rss apply/full {summary['rss_ratio']}"
+    )
+    print(
+        f"disk: {peak_gb:.1f} GB at the peak in {work} (model {disk['model'] / 1e9:.1f} GB, "
+        f"apply output {disk['apply_output'] / 1e9:.2f} GB, copy {disk['copy'] / 1e9:.1f} GB)"
     )
     print(json.dumps(summary))
 

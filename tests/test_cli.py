@@ -56,11 +56,8 @@ def test_validate_reports_each_file(tmp_path: Path) -> None:
     bad = write_recipe(tmp_path, "model: m\nalignment: x\nerase:\n  - concepts: []\n", "bad.yaml")
     result = run("validate", good, bad)
     assert result.exit_code == 1
-    assert f"ok {good}: 1 edit prompts, 1 preserve prompts, paper alignment" in result.stdout
-    assert (
-        f"error: {bad}: alignment: Input should be 'paper' or 'last-token' (got 'x')"
-        in result.stderr
-    )
+    assert f"ok {good}: 1 edit prompt, 1 preserve prompt, paper alignment" in result.stdout
+    assert f"error: {bad}: alignment: must be 'paper' or 'last-token' (got 'x')" in result.stderr
     assert f"error: {bad}: erase.0.concepts: empty concept list" in result.stderr
     result = run("validate", good, "--json")
     assert result.exit_code == 0
@@ -186,11 +183,11 @@ BAD_RECIPES = {
     "not a mapping": ("- a\n- b\n", "not a mapping"),
     "unknown key": (
         "model: m\nerase:\n  - concepts: [x]\nerasee: 1\n",
-        "erasee: Extra inputs are not permitted",
+        "(top level): unknown key `erasee` — did you mean `erase`?",
     ),
     "wrong type": (
         "model: m\nerase:\n  - concepts: [x]\nseed: abc\n",
-        "seed: Input should be a valid integer",
+        "seed: must be a whole number (got 'abc')",
     ),
     "empty concepts": (
         "model: m\nerase:\n  - concepts: []\n",
@@ -212,7 +209,7 @@ BAD_RECIPES = {
     ),
     "alignment": (
         "model: m\nalignment: token\nerase:\n  - concepts: [x]\n",
-        "alignment: Input should be",
+        "alignment: must be 'paper' or 'last-token' (got 'token')",
     ),
     "negative lambda": (
         "model: m\nerase:\n  - concepts: [x]\nsolver: {lambda: -0.5}\n",
@@ -306,7 +303,7 @@ def test_debug_env_shows_traceback(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, recipe_for("./missing"))
     result = run("apply", recipe, "--out", tmp_path / "out", env={**os.environ, "UCE_DEBUG": "1"})
     assert result.exit_code == 1
-    assert "Traceback" in result.stderr and "error: model path" in result.stderr
+    assert "Traceback" in result.stderr and "model: local path" in result.stderr
 
 
 def test_show_errors(tmp_path: Path) -> None:

@@ -143,3 +143,21 @@ def test_last_token_prefix_encoding_is_exact(tiny_model: Path) -> None:
     for i, prompt in enumerate(prompts):
         f = counts[prompt] - 2
         assert torch.allclose(short[i, : f + 1], padded[i, : f + 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("alignment", ["paper", "last-token"])
+def test_cache_hit_gives_bit_identical_tensors(
+    tiny_model: Path, tmp_path: Path, alignment: str
+) -> None:
+    """A hit reuses G_p and encodes the edit prompts in the very batches a miss does."""
+    recipe = write_recipe(tmp_path, recipe_text(tiny_model, f"alignment: {alignment}\n"))
+    plan = plan_recipe(recipe)
+    runs = []
+    for name in ("miss", "hit"):
+        result = run_apply(plan, out=tmp_path / name, device="cpu")
+        assert result.log["plan"]["preserve_cache"] == name
+        runs.append((result.log, load_file(str(result.out / "edit.safetensors"))))
+    (miss_log, miss), (hit_log, hit) = runs
+    assert set(miss) == set(hit) and all(torch.equal(miss[k], hit[k]) for k in miss)
+    assert miss_log["fingerprint"] == hit_log["fingerprint"]
+    assert miss_log["layers"] == hit_log["layers"]

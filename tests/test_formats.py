@@ -272,3 +272,95 @@ def test_pickle_edit_needs_allow_pickle(edited: Path, tiny_model: Path, tmp_path
     assert result.exit_code == 0, result.stderr
     merged = open_model(str(tmp_path / "o")).read_kv()
     assert all(torch.equal(merged[k], w) for k, w in open_model(str(edited)).read_kv().items())
+
+
+def test_delta_and_lora_record_the_base_kv_hash(edited: Path) -> None:
+    import json
+
+    log = json.loads((edited / "edit_log.json").read_text())
+    expected = log["base_model"]["kv_weights_sha256"]
+    for name in ("edit.safetensors", LORA_FILE, KOHYA_FILE, "operator.safetensors"):
+        with safe_open(str(edited / name), "pt") as f:
+            assert f.metadata()["base_kv_weights_sha256"] == expected, name
+
+
+def test_merge_refuses_a_delta_made_for_another_base(
+    edited: Path, other_model: Path, tmp_path: Path
+) -> None:
+    result = run("merge", other_model, edited / "edit.safetensors", "--out", tmp_path / "m")
+    assert_error(
+        result,
+        "was made for another base",
+        "uce transfer OPERATOR --model",
+        "--allow-other-base",
+    )
+    assert not (tmp_path / "m").exists()
+    forced = run(
+        "merge",
+        other_model,
+        edited / "edit.safetensors",
+        "--out",
+        tmp_path / "m",
+        "--allow-other-base",
+    )
+    assert forced.exit_code == 0, forced.stderr
+    assert "warning: " in forced.stderr and "--allow-other-base" in forced.stderr
+    merged = open_model(str(tmp_path / "m")).read_kv()
+    assert all(torch.equal(merged[k], w) for k, w in open_model(str(edited)).read_kv().items())
+
+
+def test_merge_of_a_delta_on_its_own_base_says_nothing(
+    edited: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    result = run("merge", tiny_model, edited / "edit.safetensors", "--out", tmp_path / "m")
+    assert result.exit_code == 0, result.stderr
+    assert "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("weight_name", [LORA_FILE, KOHYA_FILE])
+def test_merge_of_a_lora_made_for_another_base_warns_once(
+    edited: Path, other_model: Path, tmp_path: Path, weight_name: str
+) -> None:
+    result = run("merge", other_model, edited / weight_name, "--out", tmp_path / "m")
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, result.stderr
+    assert "made for another base" in warnings[0] and "uce transfer" in warnings[0]
+    # applied as a difference: the other model's own weights plus ΔW of the edit
+    base = open_model(str(other_model)).read_kv()
+    merged = open_model(str(tmp_path / "m")).read_kv()
+    assert max(rel(merged[k], base[k]) for k in merged) > 1e-3
+
+
+def test_merge_of_a_delta_without_base_hash_warns(
+    edited: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    save_file(load_file(edited / "edit.safetensors"), str(tmp_path / "old.safetensors"))
+    result = run("merge", tiny_model, tmp_path / "old.safetensors", "--out", tmp_path / "m")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: " in result.stderr and "does not record which base" in result.stderr
+
+
+def test_merge_and_transfer_outputs_record_their_own_base(
+    edited: Path, other_model: Path, tmp_path: Path
+) -> None:
+    import json
+
+    result = run(
+        "transfer",
+        edited / "operator.safetensors",
+        "--model",
+        other_model,
+        "--out",
+        tmp_path / "t",
+        "--format",
+        "delta",
+    )
+    assert result.exit_code == 0, result.stderr
+    log = json.loads((tmp_path / "t" / "edit_log.json").read_text())
+    with safe_open(str(tmp_path / "t" / "edit.safetensors"), "pt") as f:
+        recorded = f.metadata()["base_kv_weights_sha256"]
+    assert recorded == log["base_model"]["kv_weights_sha256"]
+    # so the transferred delta merges into the other model without complaint
+    merged = run("merge", other_model, tmp_path / "t" / "edit.safetensors", "--out", tmp_path / "m")
+    assert merged.exit_code == 0 and "warning" not in merged.stderr, merged.stderr

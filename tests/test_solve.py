@@ -278,3 +278,22 @@ def test_operator_metrics_match_direct_computation() -> None:
     for name, value in expected.items():
         assert metrics["w"][name] == pytest.approx(value, rel=1e-8), name
     assert layer_metrics(w, w1, stats) == pytest.approx(metrics["w"], rel=1e-8)
+
+
+def test_apply_and_figures_precision_by_weight_dtype() -> None:
+    """K applies in float32 to ≤32-bit weights (within 1e-6 of float64), in float64 to float64 ones."""
+    torch.manual_seed(4)
+    d = 64
+    c_s, c_t, c_p = (torch.randn(n, d).double() for n in (80, 80, 200))
+    stats = EditStats(d, c_s.T @ c_s, c_t.T @ c_s, c_t.T @ c_t, c_p.T @ c_p)
+    scales = Scales(0.5, 1.0, 0.2)
+    w = torch.randn(96, d)
+    new32, k, metrics32 = solve_edit({"w": w}, stats, scales)
+    exact = w.double() @ k
+    assert new32["w"].dtype == torch.float32 and rel(new32["w"], exact) < 1e-6
+    new64, _, _ = solve_edit({"w": w.double()}, stats, scales)
+    assert rel(new64["w"], exact) < 1e-13
+    new16, _, _ = solve_edit({"w": w.half()}, stats, scales)
+    assert new16["w"].dtype == torch.float16 and rel(new16["w"], exact) < 1e-3
+    reference = layer_metrics(w.double(), exact, stats)  # float64 throughout
+    assert metrics32["w"] == pytest.approx(reference, rel=1e-6)

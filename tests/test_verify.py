@@ -127,3 +127,30 @@ def test_bad_inputs(published: Path, tmp_path: Path) -> None:
         corrupt.exit_code == 1 and "corrupt" in corrupt.stderr and "Traceback" not in corrupt.stderr
     )
     assert run("verify", published, "--against", published, "--rtol", "-1").exit_code == 2
+
+
+def test_a_non_finite_model_fails_and_is_named(
+    published: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(published, tmp_path / "copy"))
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(unet)
+    key = sorted(k for k in state if k.endswith("attn2.to_k.weight"))[-1]
+    state[key][0, 0] = float("nan")
+    save_file(state, str(unet), {"format": "pt"})
+    (folder / "edit.safetensors").unlink()  # compare the model folder itself
+    result = run("verify", folder, "--against", published / "edit.safetensors")
+    assert result.exit_code == 1
+    assert f"worst {key} (relative error inf)" in result.stderr
+    assert "1 of 14 tensors differ" in result.stderr
+    as_json = run("verify", folder, "--against", published / "edit.safetensors", "--json")
+    assert as_json.exit_code == 1
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"--json wrote {name}, which is not JSON")
+
+    report = json.loads(as_json.stdout, parse_constant=refuse)
+    rows = {row["key"]: row for row in report["tensors"]}
+    assert rows[key]["rel_error"] is None and rows[key]["ok"] is False

@@ -10,10 +10,13 @@ corrupt or mismatched entry is detected, reported and rebuilt, never used.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from uce_cli.paths import cache_dir
+from uce_cli.destination import apply_default_modes
+from uce_cli.errors import UceWarning
+from uce_cli.paths import CACHE_ENV, cache_dir
 
 FORMAT = "uce-preserve-gram-v1"
 
@@ -61,9 +66,16 @@ def _checksum(t: torch.Tensor) -> str:
 
 
 def load_preserve(key: str) -> tuple[PreserveEntry | None, str]:
-    """Look a preserve set up. Returns (entry or None, status: hit | miss | corrupt)."""
+    """Look a preserve set up. Returns (entry or None, status: hit | miss | corrupt).
+
+    The cache is an optimisation: an entry that cannot be read (not a file, unreadable, corrupt)
+    is a miss or a rebuilt entry, never a failed run.
+    """
     path = _path(key)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return None, "miss"
+    except OSError:  # e.g. the cache folder is unreadable
         return None, "miss"
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -81,28 +93,64 @@ def load_preserve(key: str) -> tuple[PreserveEntry | None, str]:
     except Exception:  # a truncated or garbled file: same treatment as a mismatch
         entry = None
     if entry is None:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only cache: the entry is rebuilt in memory and not stored
         return None, "corrupt"
     return entry, "hit"
 
 
-def save_preserve(key: str, entry: PreserveEntry, info: dict[str, str]) -> Path:
-    """Store a preserve set atomically (temp file, then rename)."""
+def save_preserve(key: str, entry: PreserveEntry, info: dict[str, str]) -> Path | None:
+    """Store a preserve set atomically (temp file, then rename).
+
+    Returns:
+        The entry's path, or None when the cache cannot be written (full, read-only, a file where
+        a folder should be, …): that is a ``UceWarning``, never an error — the run goes on.
+    """
     path = _path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    g_p = entry.G_p.detach().to("cpu", torch.float64).contiguous()
-    meta = {
-        "format": FORMAT,
-        "key": key,
-        "checksum": _checksum(g_p),
-        "n_vectors": str(entry.n_vectors),
-        **info,
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
+    tmp: Path | None = None
     try:
-        save_file({"G_p": g_p}, tmp, meta)
+        blocker = _not_a_folder(path.parent)
+        if blocker is not None:
+            raise NotADirectoryError(errno.ENOTDIR, "a file where a folder should be", str(blocker))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError(errno.EISDIR, "not a file", str(path))
+        g_p = entry.G_p.detach().to("cpu", torch.float64).contiguous()
+        meta = {
+            "format": FORMAT,
+            "key": key,
+            "checksum": _checksum(g_p),
+            "n_vectors": str(entry.n_vectors),
+            **info,
+        }
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        tmp = Path(name)
+        save_file({"G_p": g_p}, name, meta)
+        apply_default_modes(tmp)  # mkstemp and save_file leave 0600
         os.replace(tmp, path)
+    except OSError as exc:
+        where = exc.filename if isinstance(exc.filename, str) else path
+        warnings.warn(
+            f"preserve statistics not cached ({where}: {exc.strerror or exc}) — the run goes on; "
+            f"the next run encodes the preserve prompts again (set {CACHE_ENV} to a writable "
+            "folder, or pass --no-cache)",
+            UceWarning,
+            stacklevel=2,
+        )
+        return None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return path
+
+
+def _not_a_folder(folder: Path) -> Path | None:
+    """The first existing one of ``folder`` and its parents, if it is not a folder."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None

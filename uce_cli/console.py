@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -14,9 +15,27 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+# Piped or redirected results are read by programs and pagers, not a terminal: Rich would wrap
+# them at 80 columns and cut table cells (a 63-character layer name). Render them this wide
+# instead, unless COLUMNS says otherwise.
+PIPE_WIDTH = 240
+
+
+def _results_width() -> int | None:
+    """None (Rich asks the terminal) on a terminal or with COLUMNS set, else PIPE_WIDTH."""
+    if sys.stdout is not None and sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return None
+    return PIPE_WIDTH
+
+
 # Results go to stdout; progress, status and errors to stderr.
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=_results_width())
 err = Console(stderr=True, soft_wrap=True)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 edit prompt``, ``2 edit prompts``: a count with its noun in the right number."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class RichProgress:

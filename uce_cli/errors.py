@@ -29,3 +29,7 @@ class OutputError(UceError):
 
 class DataError(UceError):
     """A concept or prompt file cannot be read or fetched."""
+
+
+class UceWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints ``warning: …``."""

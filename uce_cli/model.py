@@ -17,13 +17,26 @@ import torch
 from safetensors import safe_open
 
 from uce_cli.errors import ModelError
-from uce_cli.paths import cache_dir
+from uce_cli.hub import hub_snapshot
+from uce_cli.modelspec import is_hub_id
+from uce_cli.paths import cache_folder
 
 # Cross-attention blocks of diffusers' transformer blocks: attn2 reads the text embeddings.
 CROSS_ATTN_KEY = re.compile(r"^(?P<block>.*\.attn2)\.(?P<proj>to_k|to_v)\.weight$")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DENOISER = "unet"
+# Pipeline families uce does not edit yet, by the prefix of their model_index.json _class_name.
+FAMILIES = (
+    ("StableDiffusionXL", "SDXL"),
+    ("StableDiffusion3", "Stable Diffusion 3"),
+    ("PixArt", "PixArt"),
+    ("Flux", "FLUX"),
+    ("HiDream", "HiDream"),
+    ("Kandinsky", "Kandinsky"),
+    ("IF", "DeepFloyd IF"),
+)
+# Components an SD 1.x/2.x pipeline does not have: a second text encoder, or a transformer denoiser.
+EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "transformer")
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,14 @@ def resolve_model(spec: str, revision: str | None = None) -> Path:
             raise ModelError(
                 f"unknown builtin model '{spec}' — the builtin model is {TINY_MODEL_NAME}"
             )
-        return ensure_tiny_model(cache_dir())
+        models = cache_folder("models")  # a clear error where the cache cannot hold it
+        try:
+            return ensure_tiny_model(models.parent)
+        except (OSError, RuntimeError) as exc:
+            raise ModelError(
+                f"cannot build {TINY_MODEL_NAME} in the uce cache {models}: {exc} — set "
+                "UCE_CACHE_DIR to a writable folder"
+            ) from None
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
@@ -89,42 +109,9 @@ def resolve_model(spec: str, revision: str | None = None) -> Path:
                 f"model '{spec}' is a file — give a diffusers pipeline folder or a hub id"
             )
         return path.resolve()
-    if not HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+    if not is_hub_id(spec):
         raise ModelError(f"model path '{spec}' does not exist — check the path")
-    return _download(spec, revision)
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        index = json.loads(
-            Path(hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text()
-        )
-        components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
-        patterns = ["model_index.json"]
-        for name in components:
-            patterns += [
-                f"{name}/*.json",
-                f"{name}/*.txt",
-                f"{name}/*.model",
-                f"{name}/*.safetensors",
-            ]
-        # Variant weights (fp16, ema) are other checkpoints; only the main one is edited and copied.
-        return Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=patterns,
-                ignore_patterns=["*.fp16.*", "*.ema.*", "*non_ema*", "*.bin", "*.ckpt"],
-            )
-        )
-    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(
-            f"cannot fetch model '{repo_id}' from the Hugging Face Hub ({reason}) — check the id "
-            "and your network, or give a local diffusers folder"
-        ) from exc
+    return hub_snapshot(spec, revision)
 
 
 def _weight_files(folder: Path, stem: str) -> list[Path]:
@@ -143,6 +130,55 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
             "safetensors only, since unpickling runs code — convert them to .safetensors"
         )
     raise ModelError(f"{folder} has no {stem}.safetensors — is this a complete diffusers folder?")
+
+
+def read_model_index(path: Path) -> dict:
+    """A pipeline's model_index.json as a dict.
+
+    Raises:
+        ModelError: unreadable, not JSON, or not a JSON object.
+    """
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"{path} is not valid JSON ({exc}) — is this a diffusers folder?"
+        ) from None
+    if not isinstance(index, dict):
+        raise ModelError(
+            f"{path} holds a JSON {type(index).__name__}, not an object — a diffusers "
+            "model_index.json maps component names to their classes"
+        )
+    return index
+
+
+def check_family(index: dict, root: Path) -> None:
+    """Refuse pipelines uce does not edit, naming their family: only SD 1.x/2.x-shaped ones pass.
+
+    Raises:
+        ModelError: another family (SDXL, SD 3, PixArt, FLUX, …), a second text encoder or a
+            transformer denoiser, or a text encoder other than CLIP.
+    """
+    supported = "uce edits Stable Diffusion 1.x/2.x pipelines (a UNet and one CLIP text encoder)"
+    class_name = str(index.get("_class_name") or "")
+    family = next((f for prefix, f in FAMILIES if class_name.startswith(prefix)), None)
+    if family is not None:
+        raise ModelError(f"{root}: {class_name} ({family}) is not supported yet — {supported}")
+    extra = [name for name in EXTRA_COMPONENTS if name in index]
+    if extra:
+        kind = "a transformer" if extra == ["transformer"] else "two text encoders"
+        raise ModelError(
+            f"{root}: a pipeline with {kind} ({', '.join(extra)}) is not supported yet — "
+            f"{supported}"
+        )
+    for component in (DENOISER, "text_encoder", "tokenizer"):
+        if component not in index:
+            raise ModelError(f"{root} has no '{component}' component — {supported}")
+    encoder = index["text_encoder"]
+    if isinstance(encoder, list) and len(encoder) == 2 and encoder[1] != "CLIPTextModel":
+        raise ModelError(
+            f"{root}: its text encoder is a {encoder[1]}, not a CLIPTextModel — {supported}"
+        )
 
 
 def open_model(
@@ -167,16 +203,8 @@ def open_model(
             f"{root} is not a diffusers pipeline folder (no model_index.json) — give the folder "
             "that DiffusionPipeline.from_pretrained would load"
         )
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{index_path} is not valid JSON ({exc})") from None
-    for component in (DENOISER, "text_encoder", "tokenizer"):
-        if component not in index:
-            raise ModelError(
-                f"{root} has no '{component}' component — uce edits pipelines with a UNet and "
-                "one CLIP text encoder (Stable Diffusion 1.x/2.x)"
-            )
+    index = read_model_index(index_path)
+    check_family(index, root)
     files = _weight_files(root / DENOISER, "diffusion_pytorch_model")
     kv: list[KVTensor] = []
     for path in files:

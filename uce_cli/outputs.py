@@ -3,7 +3,8 @@
 The diffusers output is the base folder with the denoiser's safetensors files copied and only
 the edited tensors' bytes rewritten in place (same header, same offsets), so every other tensor
 is bit-identical to the base. Everything is written into a hidden staging folder next to the
-destination and renamed into place at the end: an interrupted run leaves no half-written output.
+destination and renamed into place at the end: an interrupted run leaves no half-written output
+(the rules for destinations, staging and recovery live in ``uce_cli.destination``).
 """
 
 from __future__ import annotations
@@ -13,64 +14,25 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from uce_cli.destination import (  # noqa: F401  (the destination rules, re-exported for writers)
+    EDIT_LOG_FILE,
+    abandon_stage,
+    check_destination,
+    finalize,
+    resolve_destination,
+    staging_dir,
+)
 from uce_cli.errors import OutputError
-from uce_cli.model import PICKLE_SUFFIXES, BaseModelFiles, same_or_inside
+from uce_cli.model import PICKLE_SUFFIXES, BaseModelFiles
+from uce_cli.tensorfile import SavedFile, save_tensors
 
 DELTA_FILE = "edit.safetensors"
-EDIT_LOG_FILE = "edit_log.json"
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".msgpack", ".h5", ".onnx")
-
-
-def check_destination(out: Path, base_root: Path | None, force: bool) -> None:
-    """Refuse an output that exists (without ``force``), is a file, or overlaps the base model.
-
-    Raises:
-        OutputError: naming the path and what to do.
-    """
-    if base_root is not None and (same_or_inside(out, base_root) or same_or_inside(base_root, out)):
-        raise OutputError(
-            f"output {out} overlaps the base model folder {base_root} — the base model is never "
-            "modified; choose an output folder outside it"
-        )
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputError(f"output {out} exists and is not a folder — choose another --out")
-        if not force:
-            raise OutputError(f"output {out} already exists — pass --force to replace it")
-    parent = out.parent
-    if parent.exists() and not parent.is_dir():
-        raise OutputError(f"cannot create {out}: {parent} is not a folder")
-
-
-def staging_dir(out: Path) -> Path:
-    """A fresh hidden folder beside ``out`` (same filesystem, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.uce-tmp-", dir=out.parent))
-    # mkdtemp makes a private 0700 folder; the output should get the usual umask permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    stage.chmod(0o777 & ~umask)
-    return stage
-
-
-def finalize(stage: Path, out: Path, force: bool) -> None:
-    """Move the finished staging folder to ``out``; with ``force`` the old output is removed last."""
-    old: Path | None = None
-    if out.exists():
-        if not force:
-            raise OutputError(f"output {out} appeared while writing — pass --force to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.uce-old-", dir=out.parent))
-        os.replace(out, old / "previous")
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -284,9 +246,12 @@ def write_diffusers(
     return written
 
 
-def write_delta(path: Path, new: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write only the edited tensors (keys prefixed by the component, e.g. ``unet.``) and metadata."""
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in new.items()}, str(path), metadata)
+def write_delta(path: Path, new: dict[str, torch.Tensor], metadata: dict[str, str]) -> SavedFile:
+    """Write only the edited tensors (keys prefixed by the component, e.g. ``unet.``) and metadata.
+
+    Byte-reproducible (sorted metadata, fixed tensor order): see ``uce_cli.tensorfile``.
+    """
+    return save_tensors(new, path, metadata)
 
 
 def write_json(path: Path, payload: dict) -> None:

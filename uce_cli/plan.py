@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from uce_cli.errors import DataError, RecipeError
+from uce_cli.modelspec import BUILTIN_PREFIX, looks_like_local_path
 from uce_cli.recipe import (
+    BAD_CHARACTERS,
     ConceptSource,
     DebiasGroup,
     EraseGroup,
     ModerateGroup,
     Recipe,
+    fill_template,
     load_recipe,
     recipe_sha256,
+    shorten,
+    show_name,
 )
-from uce_cli.upstream import UPSTREAM_PREFIX, upstream_file
+from uce_cli.upstream import UPSTREAM_PREFIX, upstream_source
 
 # Prompt templates of the published runs; the named sets also keep the bare concept.
 TEMPLATE_SETS: dict[str, list[str]] = {
@@ -73,6 +80,10 @@ class EditPlan:
     recipe_sha256: str
     source_file: str
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Paths as written in the recipe (relative to its folder), by field: "model" (a local path),
+    # "output.dir", "<section>.<i>.concepts_file". The resolved paths above are absolute or
+    # recipe-folder based; these are what an edit log records.
+    recipe_paths: dict[str, str] = field(default_factory=dict)
 
     def prompts(self) -> list[str]:
         """Every unique prompt to encode (sources, targets, preserve), in first-seen order."""
@@ -107,39 +118,72 @@ def _norm(concept: str) -> str:
 
 
 def expand(concept: str, templates: str | list[str]) -> list[str]:
-    """Prompts for one concept: the bare concept plus a named set, or exactly a custom list."""
+    """Prompts for one concept: the bare concept plus a named set, or exactly a custom list.
+
+    One prompt per template, each holding the concept verbatim (never ``str.format``, whose
+    escapes and format specs could merge concepts or allocate without bound).
+    """
     if isinstance(templates, list):
-        return [t.format(concept) for t in templates]
-    return [concept] + [t.format(concept) for t in TEMPLATE_SETS[templates]]
+        return [fill_template(t, concept) for t in templates]
+    return [concept] + [fill_template(t, concept) for t in TEMPLATE_SETS[templates]]
+
+
+def _regular_file(path: Path, what: str) -> None:
+    """Refuse anything but an existing regular file, without opening it (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(
+            f"{what} {path} does not exist — paths are relative to the recipe"
+        ) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise DataError(f"cannot read {what} {path} ({reason})") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{what} {path} is a folder, not a regular file — name the file in it")
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"{what} {path} is not a regular file (a pipe, socket or device) — give a txt or csv file"
+        )
 
 
 def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
     """Concepts listed in a txt (one per line) or csv (``column``) file, duplicates removed."""
     name = group.concepts_file or ""
+    column = group.column
     if name.startswith(UPSTREAM_PREFIX):
-        path = upstream_file(name[len(UPSTREAM_PREFIX) :])
+        # a shipped list (no column) when uce ships the one asked for, else the fetched file
+        path, column = upstream_source(name[len(UPSTREAM_PREFIX) :], column)
     else:
-        path = (base_dir / name).expanduser()
-    if not path.is_file():
-        raise DataError(f"concepts file {path} does not exist — paths are relative to the recipe")
+        path = base_dir / Path(name).expanduser()
+    _regular_file(path, "concepts file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read concepts file {path} as UTF-8 text ({exc})") from None
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        columns = [c for c in (reader.fieldnames or []) if c]
-        if group.column is None:
-            raise DataError(f"{path} is a csv: set `column` to one of: {', '.join(columns)}")
-        if group.column not in columns:
-            raise DataError(
-                f"{path} has no column '{group.column}' — columns: {', '.join(columns)}"
-            )
-        values = [(row.get(group.column) or "").strip() for row in reader]
+        try:
+            reader = csv.DictReader(io.StringIO(text))
+            columns = [c for c in (reader.fieldnames or []) if c]
+            if column is None:
+                raise DataError(f"{path} is a csv: set `column` to one of: {', '.join(columns)}")
+            if column not in columns:
+                raise DataError(
+                    f"{path} has no column '{show_name(column)}' — columns: {', '.join(columns)}"
+                )
+            values = [(row.get(column) or "").strip() for row in reader]
+        except csv.Error as exc:
+            raise DataError(f"{path}: not a readable csv file ({exc})") from None
     else:
-        if group.column is not None:
+        if column is not None:
             raise DataError(f"{path} is not a csv, so `column` does not apply — remove it")
         values = [line.strip() for line in text.splitlines()]
+    for i, value in enumerate(values):
+        if BAD_CHARACTERS.search(value):
+            raise DataError(
+                f"{path}: concept #{i} {shorten(value)} contains a NUL or another control "
+                "character — fix the file"
+            )
     concepts = list(dict.fromkeys(v for v in values if v))
     if not concepts:
         raise DataError(f"concepts file {path} lists no concepts")
@@ -202,11 +246,13 @@ def _debias_pairs(
     pairs = []
     for concept in concepts:
         for template in _templates_with_bare(group.templates):
-            targets = [(template.format(concept), 1.0)]
+            source = fill_template(template, concept)
+            targets = [(source, 1.0)]
             targets += [
-                (template.format(f"{a} {concept}"), group.alphas[a]) for a in group.attributes
+                (fill_template(template, f"{a} {concept}"), group.alphas[a])
+                for a in group.attributes
             ]
-            pairs.append(EditPair(section, concept, template.format(concept), tuple(targets)))
+            pairs.append(EditPair(section, concept, source, tuple(targets)))
     return pairs
 
 
@@ -263,7 +309,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
             unique_pairs.append(pair)
         elif previous.targets != pair.targets:
             problems.append(
-                f"{label}: {pair.section}: prompt '{pair.source}' is already edited by "
+                f"{label}: {pair.section}: prompt '{show_name(pair.source)}' is already edited by "
                 f"{previous.section} with another target — edit each concept once"
             )
 
@@ -278,7 +324,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
                 kept.append(concept)
             elif not group.exclude_edited:
                 problems.append(
-                    f"{label}: {where}: '{concept}' is both preserved and edited ({other}) — "
+                    f"{label}: {where}: '{show_name(concept)}' is both preserved and edited ({other}) — "
                     "remove it from one of them, or set `exclude_edited: true` on this group"
                 )
         prompts = [p for c in kept for p in expand(c, group.templates)]
@@ -290,6 +336,8 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         preserve += prompts
     preserve = list(dict.fromkeys(preserve))
 
+    model = resolve_model_spec(recipe.model, base_dir)
+    problems += _check_model(recipe.model, model, label)
     problems = [p if p.startswith(label + ":") else f"{label}: {p}" for p in problems]
     if problems:
         raise RecipeError(problems)
@@ -305,10 +353,10 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
 
     out = output_dir
     if out is None and recipe.output.dir is not None:
-        out = (base_dir / recipe.output.dir).expanduser()
+        out = base_dir / Path(recipe.output.dir).expanduser()
 
     return EditPlan(
-        model=resolve_model_spec(recipe.model, base_dir),
+        model=model,
         revision=recipe.revision,
         alignment=mode,
         pairs=unique_pairs,
@@ -324,17 +372,56 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         recipe_sha256=recipe_sha256(recipe),
         source_file=label,
         sections=sections,
+        recipe_paths=_recipe_paths(recipe, model),
     )
 
 
+def _recipe_paths(recipe: Recipe, model: str) -> dict[str, str]:
+    """The recipe's paths as written (relative to its folder), by field, for the edit log."""
+    paths: dict[str, str] = {}
+    if model != recipe.model or looks_like_local_path(recipe.model):  # a local path
+        paths["model"] = recipe.model
+    for section in ("erase", "moderate", "debias", "preserve"):
+        for i, group in enumerate(getattr(recipe, section)):
+            if group.concepts_file is not None:
+                paths[f"{section}.{i}.concepts_file"] = group.concepts_file
+    if recipe.output.dir is not None:
+        paths["output.dir"] = recipe.output.dir
+    return paths
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # e.g. a name too long for the file system
+        return False
+
+
 def resolve_model_spec(model: str, base_dir: Path) -> str:
-    """A model that names an existing path relative to the recipe becomes that absolute path."""
-    if model.startswith("builtin:"):
+    """A model that names a path (existing, or shaped like one) becomes an absolute path.
+
+    Relative paths are relative to the recipe's folder; hub ids and ``builtin:`` stay as they are.
+    """
+    if model.startswith(BUILTIN_PREFIX):
         return model
-    candidate = (base_dir / model).expanduser()
-    if candidate.exists() or model.startswith((".", "/", "~")):
-        return str(candidate.resolve())
+    candidate = base_dir / Path(model).expanduser()
+    if _exists(candidate) or looks_like_local_path(model):
+        try:
+            return str(candidate.resolve())
+        except (OSError, RuntimeError):  # a symlink loop: keep the path as written
+            return str(candidate.absolute())
     return model
+
+
+def _check_model(model: str, resolved: str, label: str) -> list[str]:
+    """A local model path that does not exist, found before any weights library is imported."""
+    if not looks_like_local_path(model) or _exists(Path(resolved)):
+        return []
+    return [
+        f"{label}: model: local path {show_name(resolved, 300)} does not exist — check the path "
+        "(a relative path is relative to the recipe's folder), or give a hub id such as "
+        "CompVis/stable-diffusion-v1-4"
+    ]
 
 
 def plan_recipe(path: Path, output_dir: Path | None = None) -> EditPlan:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,13 +11,12 @@ from typing import Any
 import torch
 
 from uce_cli.cache import preserve_key
-from uce_cli.editlog import build_edit_log
+from uce_cli.editlog import build_edit_log, output_fingerprint, relative_paths
 from uce_cli.encode import token_counts
 from uce_cli.errors import OutputError
 from uce_cli.formats import edit_metadata, write_formats
-from uce_cli.formats.files import text_encoder_weights_sha256
+from uce_cli.formats.files import kv_files, kv_weights_sha256, text_encoder_weights_sha256
 from uce_cli.model import (
-    BaseModelFiles,
     load_text_encoder,
     load_tokenizer,
     open_model,
@@ -29,16 +27,16 @@ from uce_cli.model import (
 from uce_cli.outputs import (
     EDIT_LOG_FILE,
     HashBook,
+    abandon_stage,
     check_destination,
-    digest_of,
     finalize,
+    resolve_destination,
     staging_dir,
-    tensor_digests,
     write_json,
 )
 from uce_cli.plan import EditPlan
 from uce_cli.progress import NullProgress, Progress
-from uce_cli.solve import Scales, solve_edit
+from uce_cli.solve import Scales, operator_rank, solve_edit
 from uce_cli.stats import collect_statistics
 
 
@@ -48,11 +46,6 @@ class ApplyResult:
 
     out: Path
     log: dict[str, Any]
-
-
-def _operator_rank(k: torch.Tensor) -> int:
-    s = torch.linalg.svdvals(k - torch.eye(k.shape[0], dtype=k.dtype, device=k.device))
-    return int((s > s.max().clamp_min(1e-300) * k.shape[0] * torch.finfo(k.dtype).eps).sum())
 
 
 def run_apply(
@@ -89,8 +82,8 @@ def run_apply(
     out = out or plan.output_dir
     if out is None:
         raise OutputError("no output folder — pass --out DIR or set output.dir in the recipe")
-    out = Path(out).expanduser().resolve()
-    check_destination(out, None, force)
+    out = resolve_destination(out)
+    check_destination(out, None, force, inputs=[Path(plan.source_file)])
     timings: dict[str, float] = {}
     torch.manual_seed(plan.seed)
 
@@ -138,12 +131,14 @@ def run_apply(
     keys = [t.key for t in model.kv if t.key.split(".")[-2] in plan.projections]
     old = model.read_kv(keys)
     scales = Scales(plan.lam, plan.erase_scale, plan.preserve_scale)
-    new, k, metrics = solve_edit(old, stats, scales)
+    new, k, metrics = solve_edit(old, stats, scales, kv_files(model))
     progress.finish()
     timings["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     progress.start("save")
+    # The delta and LoRA files name the base they were made for by its k/v content (uce merge).
+    kv_hash = kv_weights_sha256(model, keys)
     stage = staging_dir(out)
     hashes = HashBook()
     try:
@@ -153,7 +148,11 @@ def run_apply(
             plan.formats,
             old,
             new,
-            {**edit_metadata(plan), "text_encoder_weights_sha256": encoder_id},
+            {
+                **edit_metadata(plan),
+                "text_encoder_weights_sha256": encoder_id,
+                "base_kv_weights_sha256": kv_hash,
+            },
             k=k,
             projections=plan.projections,
             lora_rank=lora_rank,
@@ -162,10 +161,21 @@ def run_apply(
         timings["save"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         shapes = {t.key: list(t.shape) for t in model.kv}
+        outputs = dict(
+            zip(
+                map(str, written.files),
+                hashes.sha256_many([stage / f for f in written.files]).values(),
+                strict=True,
+            )
+        )
         log = build_edit_log(
+            fingerprint=output_fingerprint(
+                plan.recipe_sha256, {**outputs, **{str(f): d for f, d in written.content.items()}}
+            ),
             recipe_file=plan.source_file,
             recipe_sha256=plan.recipe_sha256,
             recipe=plan.recipe,
+            paths=relative_paths(plan.source_file, plan.recipe_paths, out),
             base_model={
                 "spec": plan.model,
                 "revision": plan.revision,
@@ -174,7 +184,7 @@ def run_apply(
                 # they came for free (copied for the diffusers output, or a hub cache blob):
                 # hashing a 3.4 GB UNet only for the log would cost seconds.
                 "text_encoder_weights_sha256": encoder_id,
-                "kv_weights_sha256": kv_weights_sha256(model, keys),
+                "kv_weights_sha256": kv_hash,
                 "files": {
                     str(p.relative_to(model.root)): digest
                     for p in [*model.denoiser_files, *text_encoder_files(model)]
@@ -196,8 +206,11 @@ def run_apply(
                 "erase_scale": scales.erase_scale,
                 "preserve_scale": scales.preserve_scale,
                 "width": stats.width,
-                "operator_rank": _operator_rank(k),
-                "precision": "float64 Gram and Cholesky solve; weights cast back once",
+                "operator_rank": operator_rank(k),
+                "precision": (
+                    "float64 Gram matrices, Cholesky solve and operator K; W_old·K applied in "
+                    "float32 (float64 for float64 weights), cast back once"
+                ),
             },
             layers={
                 f"{model.denoiser}.{key}": {
@@ -208,33 +221,17 @@ def run_apply(
                 for key, m in metrics.items()
             },
             timings={k_: round(v, 4) for k_, v in timings.items()},
-            outputs={
-                str(f): digest
-                for f, digest in zip(
-                    written.files,
-                    hashes.sha256_many([stage / f for f in written.files]).values(),
-                    strict=True,
-                )
-            },
+            outputs=outputs,
         )
         log["timings"]["hash_and_log"] = round(time.perf_counter() - t0, 4)
         write_json(stage / EDIT_LOG_FILE, log)
         finalize(stage, out, force)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+    except BaseException as exc:
+        abandon_stage(stage, out, exc)  # deletes the stage; raises an OSError as an OutputError
         raise
     finally:
         progress.finish()
     return ApplyResult(out, log)
-
-
-def kv_weights_sha256(model: BaseModelFiles, keys: list[str]) -> str:
-    """Content hash of the base k/v tensors an edit reads (names, dtypes, shapes, bytes)."""
-    parts: dict[str, str] = {}
-    wanted = set(keys)
-    for path in model.denoiser_files:
-        parts.update(tensor_digests(path, wanted))
-    return digest_of(parts)
 
 
 def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:

@@ -15,6 +15,7 @@ interrupted run over thousands of prompts resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from uce_cli import __version__
+from uce_cli.destination import check_sample_out
 from uce_cli.edits import (
     EditTensors,
     apply_edit,
@@ -133,8 +135,7 @@ def run_sample(
         raise UceError("no prompts to sample — give --prompt or --prompts-file")
     _check_options(options)
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder — choose another --out")
+    check_sample_out(out)  # a file, or a manifest.json uce did not write, is refused
     warnings: list[str] = []
 
     progress.start("load model")
@@ -178,6 +179,8 @@ def run_sample(
     edit_fields = {"edit": str(edit), "edit_sha256": loaded_edit.sha256} if loaded_edit else {}
     jobs = _plan_jobs(rows, roles, out, options, common, edit_fields)
     _mark_done(jobs)
+    if compare:
+        _refuse_foreign_grids(rows, out)
     todo = [j for j in jobs if not j.done]
     progress.finish()
 
@@ -208,6 +211,10 @@ def run_sample(
     )
 
 
+# Classifier-free guidance beyond this only overflows: SD uses 1–20.
+MAX_GUIDANCE = 1000.0
+
+
 def _check_options(o: SampleOptions) -> None:
     problems = [
         f"--{name} {value} must be at least 1"
@@ -219,6 +226,11 @@ def _check_options(o: SampleOptions) -> None:
     for name, value in (("height", o.height), ("width", o.width)):
         if value is not None and (value < 8 or value % 8):
             problems.append(f"--{name} {value} must be a positive multiple of 8")
+    if not (math.isfinite(o.guidance) and 0 <= o.guidance <= MAX_GUIDANCE):
+        problems.append(
+            f"--guidance {o.guidance:g} must be a number from 0 to {MAX_GUIDANCE:g} (usually "
+            "7.5; 1 or less turns classifier-free guidance off)"
+        )
     if problems:
         raise UceError("\n".join(problems))
 
@@ -273,6 +285,24 @@ def _mark_done(jobs: list[_Job]) -> None:
             f"{clashes[0]}{more} already exist, made with other settings — choose another --out "
             "(a folder resumes only the run that made it)"
         )
+
+
+def _refuse_foreign_grids(rows: list[PromptRow], out: Path) -> None:
+    """A grid this run may rewrite must be one uce drew (its PNG text has ``uce_version``)."""
+    for row in rows:
+        path = out / "grids" / f"{file_stem(row.case)}.png"
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            with Image.open(path) as im:
+                ours = "uce_version" in im.info
+        except OSError:
+            ours = False
+        if not ours:
+            raise OutputError(
+                f"{path} exists and was not drawn by uce sample — it would be overwritten; "
+                "choose another --out"
+            )
 
 
 def _generate(

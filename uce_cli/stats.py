@@ -23,6 +23,7 @@ from uce_cli.encode import (
     paper_spans,
     token_counts,
 )
+from uce_cli.errors import SolveError
 from uce_cli.plan import EditPlan
 from uce_cli.progress import NullProgress, Progress
 
@@ -87,6 +88,26 @@ class _GramAccumulator:
         self.stats.G_p += c_p.T @ c_p
         self.stats.n_preserve_vectors += c_p.shape[0]
         self.preserve = []
+
+
+def _check_hidden(batch: list[str], hidden: torch.Tensor) -> None:
+    """Refuse non-finite text-encoder outputs, naming the first prompt that has them.
+
+    Raises:
+        SolveError: the text encoder's weights hold NaN/inf, or it overflows its dtype.
+    """
+    if bool(torch.isfinite(hidden.sum(dtype=torch.float32))):  # NaN/inf propagate through a sum
+        return
+    finite = torch.isfinite(hidden).flatten(1).all(1)  # (B,)
+    if bool(finite.all()):
+        return
+    prompt = batch[int((~finite).nonzero()[0])]
+    shown = prompt if len(prompt) <= 60 else prompt[:60] + "…"
+    raise SolveError(
+        f"the text encoder returned non-finite hidden states (NaN/inf) for the prompt {shown!r} — "
+        "its weights hold NaN/inf (check the model's text_encoder files) or it overflows in "
+        f"{str(hidden.dtype).removeprefix('torch.')} (try --dtype fp32)"
+    )
 
 
 def prompt_sections(plan: EditPlan) -> dict[str, str]:
@@ -160,23 +181,34 @@ def collect_statistics(
         stats.G_p = cached.G_p.to(device)
         stats.n_preserve_vectors = cached.n_vectors
         preserve = set()
-        prompts = [p for p in prompts if p in edit_prompts]
     elif cached is not None:
         status = "corrupt"
 
+    # With the cache in use, two streams, each batched on its own: the prompts edit pairs read,
+    # then the prompts only preserved. The edit prompts' batches are then the same whether or not
+    # the preserve set comes from the cache (a batch's other rows change a prompt's fp32 encoding
+    # in the last bits), so a hit gives bit-identical statistics and G_p is summed in the same
+    # order. Without the cache one stream saves a forward pass (each costs a full read of the
+    # encoder's weights) when both parts are small.
     # last-token reads positions ≤ f(x) only; a causal encoder makes them independent of what
     # follows, so batches are padded to their longest prompt instead of 77 tokens (exact).
     padding = "max_length" if plan.alignment == "paper" else "longest"
-    progress.start("encode", len(prompts), "prompts")
-    for batch, hidden in encode_batches(tokenizer, encoder, prompts, batch_size, progress, padding):
-        for prompt, h in zip(batch, hidden, strict=True):
-            if prompt in edit_prompts:
-                kept[prompt] = h
-            if prompt in preserve:
-                if plan.alignment == "paper":
-                    acc.add_preserve(h)  # all L positions (DESIGN §1)
-                else:
-                    acc.add_preserve(h[last_word_index(counts[prompt])].unsqueeze(0))
+    edit_stream = [p for p in prompts if p in edit_prompts]
+    rest = [p for p in prompts if p in preserve and p not in edit_prompts]
+    streams = [edit_stream, rest] if cache_key else [edit_stream + rest]
+    progress.start("encode", sum(map(len, streams)), "prompts")
+    for stream in streams:
+        batches = encode_batches(tokenizer, encoder, stream, batch_size, progress, padding)
+        for batch, hidden in batches:
+            _check_hidden(batch, hidden)
+            for prompt, h in zip(batch, hidden, strict=True):
+                if prompt in edit_prompts:
+                    kept[prompt] = h
+                if prompt in preserve:
+                    if plan.alignment == "paper":
+                        acc.add_preserve(h)  # all L positions (DESIGN §1)
+                    else:
+                        acc.add_preserve(h[last_word_index(counts[prompt])].unsqueeze(0))
     progress.finish()
 
     for pair, (src, tgts) in zip(plan.pairs, spans, strict=True):

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from uce_cli.destination import apply_default_modes
+
 if TYPE_CHECKING:
     # Only for annotations: importing torch/diffusers/transformers costs seconds, and the CLI
     # imports this module on every start, so the real imports live inside the builders.
@@ -409,12 +411,12 @@ def _build_in_temp_dir(parent: Path, name: str, seed: int) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
     try:
-        # mkdtemp creates a private 0700 dir; after the rename it is the model folder, which
-        # should be as readable as any other cache entry.
-        tmp.chmod(0o755)
         # safetensors only, as on the Hub, so no pickle is ever loaded from the cache.
         build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
         _write_sd_tokenizer_files(tmp / "tokenizer")
+        # mkdtemp makes a private 0700 dir and safetensors writes 0600 files; the model folder
+        # should be as readable as any other file.
+        apply_default_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
+import sys
 
-import typer
+# Loading the CLI (Typer, Rich, pydantic) takes a noticeable moment: Ctrl-C then is an
+# interruption like any other, not a traceback.
+try:
+    import typer
 
-from uce_cli import __version__
-from uce_cli.cli.apply import apply
-from uce_cli.cli.merge import merge
-from uce_cli.cli.sample import sample
-from uce_cli.cli.show import show
-from uce_cli.cli.transfer import transfer
-from uce_cli.cli.validate import validate
-from uce_cli.cli.verify import verify
+    from uce_cli import __version__
+    from uce_cli.cli._common import CONTEXT_SETTINGS
+    from uce_cli.cli.apply import apply
+    from uce_cli.cli.merge import merge
+    from uce_cli.cli.sample import sample
+    from uce_cli.cli.show import show
+    from uce_cli.cli.transfer import transfer
+    from uce_cli.cli.validate import validate
+    from uce_cli.cli.verify import verify
+except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 # Third-party chatter (download bars, backend notices) would bury uce's own stderr; errors still show.
 for _var, _value in (
@@ -32,14 +40,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings=CONTEXT_SETTINGS,
 )
-app.command()(validate)
-app.command()(apply)
-app.command()(show)
-app.command()(merge)
-app.command()(transfer)
-app.command()(verify)
-app.command()(sample)
+for _command in (validate, apply, show, merge, transfer, verify, sample):
+    app.command(context_settings=CONTEXT_SETTINGS)(_command)
 
 
 def _version(value: bool) -> None:
@@ -59,4 +63,8 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command's own error boundary
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from enum import Enum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar
 
 import typer
 
-from uce_cli.errors import RecipeError, UceError
+from uce_cli.errors import RecipeError, UceError, UceWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# `-h` as well as `--help`, on the app and on every command.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 
 
 class Device(str, Enum):
@@ -57,6 +62,33 @@ def print_error(message: str) -> None:
         print(f"error: {line}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Show the library's ``UceWarning``s as ``warning: …`` lines on stderr, each text once."""
+    shown: set[str] = set()
+    default = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if not issubclass(category, UceWarning):
+            default(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            for text in str(message).splitlines() or [""]:
+                print(f"warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UceWarning)
+        warnings.showwarning = show
+        yield
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into ``error: …`` + exit 1; ``UCE_DEBUG=1`` shows the traceback."""
 
@@ -64,7 +96,8 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = os.environ.get("UCE_DEBUG", "") not in ("", "0")
         try:
-            return func(*args, **kwargs)
+            with warnings_as_lines():
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise  # Typer renders these itself (exit 0/1, or 2 for usage errors)
         except (UceError, RecipeError) as exc:

@@ -9,8 +9,17 @@ import typer
 from rich.table import Table
 
 from uce_cli.cli._common import DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, handle_errors, print_json
-from uce_cli.cli.merge import AllowPickleOpt, FormatOpt, LoraRankOpt, chosen_formats
-from uce_cli.console import RichProgress, err, out, silence_third_party
+from uce_cli.cli.merge import (
+    AllowPickleOpt,
+    FormatOpt,
+    LoraRankOpt,
+    check_output,
+    chosen_formats,
+)
+from uce_cli.console import RichProgress, err, out, plural, silence_third_party
+from uce_cli.errors import OutputError
+from uce_cli.hub import check_hub_model
+from uce_cli.modelspec import is_hub_id
 from uce_cli.plan import plan_recipe
 
 
@@ -23,23 +32,25 @@ def _render_dry_run(report: dict) -> None:
         for item in pairs:
             target = " + ".join(f"{w:g}·'{t}'" if w != 1 else f"'{t}'" for t, w in item["targets"])
             vec = (
-                f"  [{item['vectors']} vectors from token {item['source_start']}]"
+                f"  [{plural(item['vectors'], 'vector')} from token {item['source_start']}]"
                 if "vectors" in item
                 else ""
             )
             lines.append(f"'{item['source']}' → {target}{vec}")
         counts = report["sections"][section]
         table.add_row(
-            f"{section}\n{counts['concepts']} concepts, {counts['prompts']} prompts",
+            f"{section}\n{plural(counts['concepts'], 'concept')}, "
+            f"{plural(counts['prompts'], 'prompt')}",
             "\n".join(lines),
         )
     preserve = ", ".join(f"'{p}'" for p in report["first_preserve"])
-    table.add_row(f"preserve\n{report['preserve_prompts']} prompts", preserve or "(none)")
+    table.add_row(f"preserve\n{plural(report['preserve_prompts'], 'prompt')}", preserve or "(none)")
     out.print(table)
     out.print(
-        f"model {report['model']}; {report['edit_prompts']} edit prompts, "
-        f"{report['preserve_prompts']} preserve prompts, {report['unique_prompts']} unique prompts to "
-        f"encode; λ={report['lambda']:g} s_e={report['erase_scale']:g} "
+        f"model {report['model']}; {plural(report['edit_prompts'], 'edit prompt')}, "
+        f"{plural(report['preserve_prompts'], 'preserve prompt')}, "
+        f"{plural(report['unique_prompts'], 'unique prompt')} to encode; "
+        f"λ={report['lambda']:g} s_e={report['erase_scale']:g} "
         f"s_p={report['preserve_scale']:.4g}; projections {', '.join(report['projections'])}"
     )
     vectors = report["vectors"]
@@ -55,10 +66,17 @@ def _render_dry_run(report: dict) -> None:
 
 @handle_errors
 def apply(
-    recipe: Annotated[Path, typer.Argument(help="The recipe (YAML).", show_default=False)],
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="The recipe (YAML).", show_default=False)
+    ],
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder (default: output.dir of the recipe)."),
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="DIR",
+            help="Output folder (default: output.dir of the recipe).",
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing output folder.")
@@ -70,7 +88,7 @@ def apply(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Prompts per encoder pass.")
+        int, typer.Option("--batch-size", min=1, metavar="N", help="Prompts per encoder pass.")
     ] = 32,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor store cached preserve statistics.")
@@ -94,6 +112,13 @@ def apply(
         report = describe_plan(plan)
         print_json(report) if json_out else _render_dry_run(report)
         return
+    # The destination is checked before the runner imports torch: a taken --out fails at once.
+    destination = out_dir or plan.output_dir
+    if destination is None:
+        raise OutputError("no output folder — pass --out DIR or set output.dir in the recipe")
+    check_output(destination, plan.model, force, [recipe])
+    if is_hub_id(plan.model):  # a hub id that is neither cached nor reachable fails at once too
+        check_hub_model(plan.model, plan.revision)
     from uce_cli.runner import run_apply
 
     silence_third_party()

@@ -16,7 +16,8 @@ from uce_cli.cli._common import (
     print_error,
     print_json,
 )
-from uce_cli.console import RichProgress, err, out
+from uce_cli.console import RichProgress, err, out, plural
+from uce_cli.destination import check_sample_out
 
 
 def sample(
@@ -36,7 +37,7 @@ def sample(
         typer.Option(
             "--edit",
             "-e",
-            metavar="PATH",
+            metavar="EDIT",
             help="An output folder of `uce apply`, or its edit.safetensors.",
             show_default=False,
         ),
@@ -51,7 +52,7 @@ def sample(
         Path | None,
         typer.Option(
             "--prompts-file",
-            metavar="CSV",
+            metavar="FILE",
             help="CSV with a 'prompt' column; 'evaluation_seed' and "
             "'case_number' are used when present (e.g. coco_30k.csv).",
             show_default=False,
@@ -73,25 +74,38 @@ def sample(
         ),
     ] = False,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Seed of prompts without their own.")
+        int, typer.Option("--seed", min=0, metavar="N", help="Seed of prompts without their own.")
     ] = 0,
     n: Annotated[
-        int, typer.Option("--n", "-n", min=1, help="Images per prompt (seeds seed, seed+1, …).")
+        int,
+        typer.Option(
+            "--n", "-n", min=1, metavar="N", help="Images per prompt (seeds seed, seed+1, …)."
+        ),
     ] = 1,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 50,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, metavar="N", help="Denoising steps.")
+    ] = 50,
     guidance: Annotated[
-        float, typer.Option("--guidance", help="Classifier-free guidance scale.")
+        float, typer.Option("--guidance", metavar="FLOAT", help="Classifier-free guidance scale.")
     ] = 7.5,
     height: Annotated[
         int | None,
         typer.Option(
-            "--height", min=8, help="Image height (default: the model's).", show_default=False
+            "--height",
+            min=8,
+            metavar="N",
+            help="Image height (default: the model's).",
+            show_default=False,
         ),
     ] = None,
     width: Annotated[
         int | None,
         typer.Option(
-            "--width", min=8, help="Image width (default: the model's).", show_default=False
+            "--width",
+            min=8,
+            metavar="N",
+            help="Image width (default: the model's).",
+            show_default=False,
         ),
     ] = None,
     scheduler: Annotated[
@@ -106,7 +120,10 @@ def sample(
     negative_prompt: Annotated[
         str | None,
         typer.Option(
-            "--negative-prompt", help="Negative prompt for every image.", show_default=False
+            "--negative-prompt",
+            metavar="TEXT",
+            help="Negative prompt for every image.",
+            show_default=False,
         ),
     ] = None,
     allow_empty: Annotated[
@@ -121,7 +138,7 @@ def sample(
         Dtype, typer.Option("--dtype", help="Pipeline dtype (auto: fp16 on CUDA, else fp32).")
     ] = Dtype.auto,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")
+        int, typer.Option("--batch-size", min=1, metavar="N", help="Images per pipeline call.")
     ] = 1,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -185,6 +202,7 @@ def _run(
     json_out: bool,
 ) -> None:
     """Read the prompts, sample, render the result."""
+    check_sample_out(out_dir)  # before torch is imported: a wrong --out fails at once
     from uce_cli.prompts import prompts_from_text, read_prompts_csv
     from uce_cli.sample import SampleOptions, run_sample
 
@@ -221,7 +239,7 @@ def _run(
     print(result.manifest)
     rate = f"; {per_image:.2f} s per image" if per_image is not None else ""
     out.print(
-        f"{summary['images']} images ({result.generated} generated, {result.skipped} already there)"
-        f"{rate}; {len(result.grids)} grids",
+        f"{plural(summary['images'], 'image')} ({result.generated} generated, "
+        f"{result.skipped} already there){rate}; {plural(len(result.grids), 'grid')}",
         highlight=False,
     )

@@ -29,7 +29,10 @@ def layer_table(layers: dict[str, dict]) -> Table:
         "residual after",
         "preserve drift",
     ):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+        if column == "layer":  # a narrow terminal folds a long name, never cuts it
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right")
     for name, m in layers.items():
         table.add_row(
             name.removesuffix(".weight"),
@@ -69,7 +72,10 @@ def summary_table(log: dict) -> Table:
 @handle_errors
 def show(
     path: Annotated[
-        Path, typer.Argument(help="An output folder of `uce apply`, or its edit_log.json.")
+        Path,
+        typer.Argument(
+            metavar="DIR", help="An output folder of `uce apply`, or its edit_log.json."
+        ),
     ],
     json_out: JsonOpt = False,
 ) -> None:

@@ -14,6 +14,7 @@ from uce_cli.cli.merge import (
     FormatOpt,
     LoraRankOpt,
     OutOpt,
+    check_output,
     chosen_formats,
     report_written,
 )
@@ -24,7 +25,9 @@ def transfer(
     operator: Annotated[
         Path,
         typer.Argument(
-            help="operator.safetensors (or an output folder holding one).", show_default=False
+            metavar="EDIT",
+            help="operator.safetensors (or an output folder holding one).",
+            show_default=False,
         ),
     ],
     model: Annotated[
@@ -32,6 +35,7 @@ def transfer(
         typer.Option(
             "--model",
             "-m",
+            metavar="MODEL",
             help="The other model: diffusers folder, single file or hub id.",
             show_default=False,
         ),
@@ -50,9 +54,10 @@ def transfer(
 
     Example: uce transfer runs/erase/operator.safetensors --model stable-diffusion-v1-5/stable-diffusion-v1-5 --out runs/erase-sd15
     """
+    names = chosen_formats(formats, ["diffusers", "delta"], lora_rank)
+    check_output(out_dir, model, force, [operator])
     from uce_cli.formats.transfer import run_transfer
 
-    names = chosen_formats(formats, ["diffusers", "delta"], lora_rank)
     result = run_transfer(
         operator, model, out_dir, names, force=force, lora_rank=lora_rank, allow_pickle=allow_pickle
     )

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from uce_cli.cli._common import JsonOpt, handle_errors, print_error, print_json
+from uce_cli.console import plural
 from uce_cli.errors import RecipeError, UceError
 from uce_cli.plan import plan_recipe
 
@@ -15,8 +16,12 @@ from uce_cli.plan import plan_recipe
 @handle_errors
 def validate(
     recipes: Annotated[
-        list[Path], typer.Argument(help="Recipe files to check.", show_default=False)
+        list[Path],
+        typer.Argument(metavar="RECIPE", help="Recipe files to check.", show_default=False),
     ],
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the problems, no `ok` lines.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Check recipes: schema, concept files, conflicts and the resolved plan. Reports every problem.
@@ -40,11 +45,11 @@ def validate(
             continue
         summary = plan.summary()
         results.append({"recipe": str(path), "ok": True, **summary})
-        if not json_out:
+        if not json_out and not quiet:
             print(
-                f"ok {path}: {summary['edit_prompts']} edit prompts, "
-                f"{summary['preserve_prompts']} preserve prompts, {plan.alignment} alignment, "
-                f"model {plan.model}"
+                f"ok {path}: {plural(summary['edit_prompts'], 'edit prompt')}, "
+                f"{plural(summary['preserve_prompts'], 'preserve prompt')}, "
+                f"{plan.alignment} alignment, model {plan.model}"
             )
     if json_out:
         print_json(results)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from uce_cli.cli._common import JsonOpt, handle_errors, print_error, print_json
+from uce_cli.cli._common import JsonOpt, QuietOpt, handle_errors, print_error, print_json
 from uce_cli.cli.merge import AllowPickleOpt
 from uce_cli.console import err, out
 
@@ -19,11 +20,17 @@ def _short(key: str) -> str:
     )
 
 
+def _json_row(row: dict) -> dict:
+    """A row for --json: a NaN/inf error (a non-finite tensor) becomes null, which JSON can hold."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 @handle_errors
 def verify(
     edit: Annotated[
         str,
         typer.Argument(
+            metavar="EDIT",
             help="The edit to check: any format, a model folder, a single file or a hub id.",
             show_default=False,
         ),
@@ -31,25 +38,37 @@ def verify(
     against: Annotated[
         str,
         typer.Option(
-            "--against", help="The reference it must equal (same choices).", show_default=False
+            "--against",
+            metavar="EDIT",
+            help="The reference it must equal (same choices).",
+            show_default=False,
         ),
     ],
     rtol: Annotated[
-        float, typer.Option("--rtol", min=0.0, help="Largest accepted ‖A − B‖/‖B‖ per tensor.")
+        float,
+        typer.Option(
+            "--rtol", min=0.0, metavar="FLOAT", help="Largest accepted ‖A − B‖/‖B‖ per tensor."
+        ),
     ] = 1e-3,
     base: Annotated[
         str | None,
         typer.Option(
-            "--base", help="Base model, needed for LoRA and operator sides.", show_default=False
+            "--base",
+            metavar="MODEL",
+            help="Base model, needed for LoRA and operator sides.",
+            show_default=False,
         ),
     ] = None,
     allow_pickle: AllowPickleOpt = False,
+    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare two edits' cross-attention k/v tensors; print a per-layer table; exit 1 beyond --rtol.
 
     Example: uce verify runs/recreated --against published/edit.safetensors --rtol 1e-3
     """
+    if not math.isfinite(rtol):
+        raise typer.BadParameter(f"{rtol} is not a finite number (e.g. 1e-3)", param_hint="--rtol")
     from uce_cli.formats.verify import compare_edits
 
     result = compare_edits(edit, against, rtol, base, allow_pickle)
@@ -58,7 +77,7 @@ def verify(
             {
                 "ok": not result.failed,
                 "rtol": rtol,
-                "tensors": [r.__dict__ for r in result.rows],
+                "tensors": [_json_row(r.__dict__) for r in result.rows],
                 "only_edit": result.only_edit,
                 "only_reference": result.only_reference,
             }
@@ -81,7 +100,7 @@ def verify(
             ("only in the edit", result.only_edit),
             ("only in the reference", result.only_reference),
         ):
-            if keys:
+            if keys and not quiet:
                 err.print(
                     f"{len(keys)} tensors {label}, not compared (pass --base to complete partial edits)"
                 )

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from uce_cli.formats.checkpoint import write_single
 from uce_cli.formats.files import (
     EditFileError,
+    check_finite,
     is_pickle,
+    kv_files,
     read_metadata,
     read_tensors,
     refuse_pickle,
@@ -52,6 +53,8 @@ from uce_cli.outputs import DELTA_FILE, HashBook, write_delta, write_diffusers
 from uce_cli.plan import EditPlan
 from uce_cli.recipe import OUTPUT_FORMATS
 from uce_cli.singlefile import UNET_PREFIX, ldm_kv_names, read_single_file_kv
+from uce_cli.solve import check_base_weights, check_result
+from uce_cli.tensorfile import SavedFile, save_tensors
 
 FORMATS = OUTPUT_FORMATS  # one list of names, kept by the recipe schema
 FORMAT_FILES = {
@@ -106,10 +109,24 @@ def check_formats(formats: list[str]) -> list[str]:
 
 @dataclass
 class Written:
-    """What ``write_formats`` wrote: files relative to the stage, and per-layer LoRA figures."""
+    """What ``write_formats`` wrote: files relative to the stage, and per-layer LoRA figures.
+
+    ``content`` holds, for each file uce serialized itself (delta, LoRA, operator, a converted
+    single file), the sha256 of its tensors without the metadata (``SavedFile.content_sha256``);
+    the other files (a diffusers folder, a patched single file) carry the base's own headers.
+    """
 
     files: list[Path] = field(default_factory=list)
     layers: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    content: dict[Path, str] = field(default_factory=dict)
+
+    def add(self, stage: Path, name: str, saved: SavedFile | None, hashes: HashBook | None) -> None:
+        """Record one written file (and its digests, which spares hashing it again)."""
+        self.files.append(Path(name))
+        if saved is not None:
+            self.content[Path(name)] = saved.content_sha256
+            if hashes is not None:
+                hashes.record(stage / name, saved.sha256)
 
 
 def write_formats(
@@ -136,15 +153,21 @@ def write_formats(
             for the operator format).
         projections: the projections K applies to (operator format).
         lora_rank: truncate LoRA factors to this rank (None: exact).
-        hashes: receives file hashes computed while copying (diffusers format).
+        hashes: receives the hashes of files it wrote or copied, so they are not read again.
+
+    Metadata keys are written sorted and tensors in a fixed order, so the same edit gives the same
+    bytes (``uce_cli.tensorfile``).
 
     Raises:
         EditFileError: unknown format, a bad LoRA rank, or the operator format without an operator.
+        SolveError: an edited tensor holds NaN/inf (checked before anything is written).
     """
     formats = check_formats(formats)
     written = Written()
     if not formats:
         return written
+    for key, w in new.items():
+        check_result(f"{model.denoiser}.{key}", w)
     meta = dict(metadata)
     if "text_encoder_weights_sha256" not in meta:  # hashing reads the whole text encoder
         meta["text_encoder_weights_sha256"] = text_encoder_weights_sha256(model.root)
@@ -158,8 +181,8 @@ def write_formats(
     if "diffusers" in formats:
         written.files += write_diffusers(stage, model, new, hashes)
     if "delta" in formats:
-        write_delta(stage / DELTA_FILE, prefixed, {**meta, "format": "uce-delta"})
-        written.files.append(Path(DELTA_FILE))
+        saved = write_delta(stage / DELTA_FILE, prefixed, {**meta, "format": "uce-delta"})
+        written.add(stage, DELTA_FILE, saved, hashes)
     if any(f.startswith("lora") for f in formats):
         factors = {}
         for key, w_new in new.items():
@@ -181,18 +204,18 @@ def write_formats(
                     "lora_layout": layout,
                     "lora_rank": str(lora_rank or "exact"),
                 }
-                save_file(
+                saved = save_tensors(
                     lora_state_dict(factors, layout, model.denoiser),
-                    str(stage / FORMAT_FILES[name]),
+                    stage / FORMAT_FILES[name],
                     lora_meta,
                 )
-                written.files.append(Path(FORMAT_FILES[name]))
+                written.add(stage, FORMAT_FILES[name], saved, hashes)
     if "single-file" in formats:
-        write_single(stage / SINGLE_FILE, model, new, meta)
-        written.files.append(Path(SINGLE_FILE))
+        saved = write_single(stage / SINGLE_FILE, model, new, meta)
+        written.add(stage, SINGLE_FILE, saved, hashes)
     if "operator" in formats:
-        write_operator(stage / OPERATOR_FILE, k, projections or ["to_k", "to_v"], meta)
-        written.files.append(Path(OPERATOR_FILE))
+        saved = write_operator(stage / OPERATOR_FILE, k, projections or ["to_k", "to_v"], meta)
+        written.add(stage, OPERATOR_FILE, saved, hashes)
     return written
 
 
@@ -272,11 +295,18 @@ def edit_weights(edit: Edit, base: BaseModelFiles | None) -> dict[str, torch.Ten
     """The edited k/v weights (diffusers key → tensor) an edit gives, on ``base`` where it needs one.
 
     Deltas and LoRAs are checked against the base: every key must exist with the same shape, and a
-    recorded text-encoder hash must match. Models give all their k/v weights.
+    recorded text-encoder hash must match. Models give all their k/v weights. Edit tensors, the
+    base weights they are applied to and the results must be finite.
 
     Raises:
         EditFileError: naming the first offending tensor or field.
+        ModelError: a base weight holds NaN/inf (naming it and its file).
+        SolveError: a result holds NaN/inf (it overflows the weight dtype).
     """
+    if edit.kind == "delta":  # named as in the file
+        check_finite({f"unet.{k}": v for k, v in edit.tensors.items()}, edit.path, "delta tensor")
+    elif edit.kind == "lora":
+        check_finite(edit.tensors, edit.path, "LoRA tensor")
     if edit.kind == "model":
         path = Path(edit.model or "")
         if edit.tensors:
@@ -304,9 +334,13 @@ def edit_weights(edit: Edit, base: BaseModelFiles | None) -> dict[str, torch.Ten
                     f"{edit.path}: LoRA for {key} is {tuple(dw.shape)}, the base's tensor is {shapes[key]}"
                 )
         old = base.read_kv(list(deltas))
-        return {
+        check_base_weights(old, kv_files(base))
+        out = {
             key: (old[key].to(torch.float64) + dw).to(old[key].dtype) for key, dw in deltas.items()
         }
+        for key, w in out.items():
+            check_result(f"{base.denoiser}.{key}", w)
+        return out
     dtypes = {t.key: t.dtype for t in base.kv}
     out: dict[str, torch.Tensor] = {}
     for key, w in edit.tensors.items():
@@ -319,4 +353,5 @@ def edit_weights(edit: Edit, base: BaseModelFiles | None) -> dict[str, torch.Ten
                 f"{edit.path}: tensor 'unet.{key}' is {tuple(w.shape)}, {base.spec} has {shapes[key]} — wrong base"
             )
         out[key] = w.to(weight_dtype(dtypes[key]))
+        check_result(f"{base.denoiser}.{key}", out[key])
     return out

@@ -26,7 +26,7 @@ from uce_cli.errors import ModelError, OutputError
 from uce_cli.formats.files import EditFileError, is_pickle, load_pickle, refuse_pickle
 from uce_cli.model import BaseModelFiles, open_model, resolve_model
 from uce_cli.outputs import patch_safetensors, sha256_file
-from uce_cli.paths import cache_dir
+from uce_cli.paths import cache_folder
 from uce_cli.singlefile import (
     CLIP_PREFIX,
     OPEN_CLIP_PREFIX,
@@ -40,6 +40,7 @@ from uce_cli.singlefile import (
     unet_key_to_ldm,
     vae_key_to_ldm,
 )
+from uce_cli.tensorfile import SavedFile, save_tensors
 
 # Pipeline configs for files that do not name their own (diffusers' choice for SD 1.x files).
 SD1_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -102,7 +103,7 @@ def _weights(folder: Path, stem: str) -> list[Path]:
 
 def write_single_file(
     path: Path, root: Path, new_unet: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> int:
+) -> SavedFile:
     """Write the whole pipeline at ``root`` as one LDM-named safetensors file, with edited UNet tensors.
 
     Args:
@@ -112,7 +113,7 @@ def write_single_file(
         metadata: stored in the file header (strings).
 
     Returns:
-        The number of tensors written.
+        The file's digests (it is written byte-reproducibly, ``uce_cli.tensorfile``).
     """
     names = diffusers_to_ldm_names(root)
     state: dict[str, torch.Tensor] = {}
@@ -133,8 +134,7 @@ def write_single_file(
                         if is_vae_attn_matrix(ldm) and tensor.dim() == 2
                         else tensor
                     )
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata)
-    return len(state)
+    return save_tensors(state, path, metadata)
 
 
 def _meta_keys(root: Path) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -268,10 +268,15 @@ def _config_folder(spec: str) -> Path:
         return resolve_model(spec)
     from huggingface_hub import snapshot_download
 
+    from uce_cli.hub import hub_unreachable
+
     try:
         return Path(
             snapshot_download(
-                spec, allow_patterns=["model_index.json", "*/*.json", "*/*.txt", "tokenizer/*"]
+                spec,
+                allow_patterns=["model_index.json", "*/*.json", "*/*.txt", "tokenizer/*"],
+                # without network, the cache or one clear error, not 40 s of retries
+                local_files_only=hub_unreachable() is not None,
             )
         )
     except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
@@ -308,7 +313,7 @@ def open_single_file(path: Path, allow_pickle: bool = False) -> BaseModelFiles:
     """
     if is_pickle(path):
         refuse_pickle(path, allow_pickle)
-        path = _pickle_copy(path, cache_dir())
+        path = _pickle_copy(path, cache_folder())
     elif path.suffix != ".safetensors":
         raise ModelError(
             f"model '{path}' is a file but not .safetensors — give a single-file checkpoint, a diffusers folder or a hub id"
@@ -324,24 +329,27 @@ def open_single_file(path: Path, allow_pickle: bool = False) -> BaseModelFiles:
             "convert it to a diffusers folder first (diffusers' from_single_file + save_pretrained)"
         )
     folder = cached_diffusers_folder(
-        path, _config_folder(config_source(path, metadata)), cache_dir()
+        path, _config_folder(config_source(path, metadata)), cache_folder()
     )
     return dataclasses.replace(open_model(str(folder)), spec=str(path), single_file=path)
 
 
 def write_single(
     path: Path, model: BaseModelFiles, new: dict[str, torch.Tensor], meta: dict[str, str]
-) -> None:
-    """A single file: a patched copy of the base's own single file, else the diffusers base converted."""
+) -> SavedFile | None:
+    """A single file: a patched copy of the base's own single file, else the diffusers base converted.
+
+    Returns:
+        The digests of a converted file; None for a patched copy (it keeps the base's header).
+    """
     source = getattr(model, "single_file", None)
     if source is None:
-        write_single_file(
+        return write_single_file(
             path,
             model.root,
             new,
             {**meta, "format": "uce-single-file", "config": meta.get("base_model", "")},
         )
-        return
     stride = ldm_stride(read_header(source)[0])
     mapped = {kv_key_to_ldm(key, stride): w for key, w in new.items()}
     patched = patch_safetensors(source, path, mapped)
@@ -350,3 +358,4 @@ def write_single(
         raise EditFileError(
             f"{source}: tensor '{missing[0]}' is missing — the single file does not match its converted copy"
         )
+    return None

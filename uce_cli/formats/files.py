@@ -1,4 +1,4 @@
-"""Reading tensor files safely: safetensors with clear errors, pickle only when allowed, and the text-encoder hash.
+"""Reading tensor files safely: safetensors with clear errors, pickle only when allowed, finite values, and the base hashes.
 
 Safetensors metadata is a string → string map and is only ever read as data. Pickle files run code
 when unpickled, so they are refused unless the user passes ``--allow-pickle``, and even then are
@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from uce_cli.errors import UceError
 from uce_cli.outputs import digest_of, tensor_digests
+
+if TYPE_CHECKING:
+    from uce_cli.model import BaseModelFiles
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
@@ -130,3 +134,45 @@ def text_encoder_weights_sha256(root: Path) -> str:
             if not key.endswith("position_ids"):
                 parts[key.removeprefix("text_model.")] = description
     return digest_of(parts)
+
+
+def kv_weights_sha256(model: BaseModelFiles, keys: list[str]) -> str:
+    """Content hash of a base's cross-attention k/v tensors ``keys`` (names, dtypes, shapes, bytes).
+
+    Deltas and LoRAs record it as ``base_kv_weights_sha256``: ``uce merge`` compares it with the
+    target's to tell whether the edit was made for that base.
+    """
+    parts: dict[str, str] = {}
+    wanted = set(keys)
+    for path in model.denoiser_files:
+        parts.update(tensor_digests(path, wanted))
+    return digest_of(parts)
+
+
+def kv_files(model: BaseModelFiles) -> dict[str, str]:
+    """k/v key → the file it is stored in (for messages that name a tensor's file)."""
+    return {t.key: str(t.file) for t in model.kv}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path | str, what: str) -> None:
+    """Refuse an edit file whose tensors hold NaN/inf, naming the first one.
+
+    Args:
+        tensors: name → tensor as read.
+        source: the file they came from.
+        what: what the tensors are (``delta tensor``, ``LoRA factor``, ``operator``).
+
+    Raises:
+        EditFileError: naming the file, the tensor and the count.
+    """
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        # NaN/inf propagate through a sum: one pass in the common case, then an exact count
+        if not bool(torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)))):
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                raise EditFileError(
+                    f"{source}: {what} '{name}' has {n} non-finite values (NaN/inf) of "
+                    f"{t.numel()} — the file is corrupt or holds a diverged edit; refusing to use it"
+                )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from uce_cli.formats.files import EditFileError
+from uce_cli.solve import one_thread
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -62,7 +63,8 @@ def factorize_delta(delta: torch.Tensor, rank: int | None = None) -> LoraFactors
         float32 factors; the rank is at least 1 (a zero ΔW gives zero factors).
     """
     dw = delta.to(torch.float64)
-    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+    with one_thread():
+        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
     # "Exact" = exact to the float32 the factors are stored in: a singular value below σ₁·eps₃₂
     # changes ΔW by less than storing the factors rounds it (fp32 encoder noise sits there).
     tol = s[0] * torch.finfo(torch.float32).eps if s.numel() else 0.0

@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from uce_cli.formats.files import EditFileError, read_tensors, text_encoder_weights_sha256
+from uce_cli.formats.files import (
+    EditFileError,
+    check_finite,
+    kv_files,
+    read_tensors,
+    text_encoder_weights_sha256,
+)
 from uce_cli.model import BaseModelFiles
-from uce_cli.solve import apply_operator
+from uce_cli.solve import apply_operator, check_base_weights, check_result
+from uce_cli.tensorfile import SavedFile, save_tensors
 
 OPERATOR_FILE = "operator.safetensors"
 OPERATOR_FORMAT = "uce-operator"
@@ -32,7 +38,7 @@ class Operator:
 
 def write_operator(
     path: Path, k: torch.Tensor, projections: list[str], metadata: dict[str, str]
-) -> None:
+) -> SavedFile:
     """Write K (float64) and its metadata (text encoder hash, recipe hash, alignment, width, projections)."""
     meta = {
         **metadata,
@@ -40,19 +46,20 @@ def write_operator(
         "width": str(k.shape[0]),
         "projections": ",".join(projections),
     }
-    save_file({"K": k.detach().to("cpu", torch.float64).contiguous()}, str(path), meta)
+    return save_tensors({"K": k.detach().to("cpu", torch.float64)}, path, meta)
 
 
 def read_operator(path: Path, allow_pickle: bool = False) -> Operator:
     """Read and check an operator file.
 
     Raises:
-        EditFileError: no ``K`` tensor, not square, or projections missing.
+        EditFileError: no ``K`` tensor, not square, not finite, or projections missing.
     """
     tensors, meta = read_tensors(path, allow_pickle)
     k = tensors.get("K")
     if k is None or k.dim() != 2 or k.shape[0] != k.shape[1]:
         raise EditFileError(f"{path}: no square tensor 'K' — not a uce operator file")
+    check_finite({"K": k}, path, "operator")
     projections = [p for p in meta.get("projections", "to_k,to_v").split(",") if p]
     bad = [p for p in projections if p not in ("to_k", "to_v")]
     if bad:
@@ -87,6 +94,16 @@ def check_operator_base(op: Operator, base: BaseModelFiles, source: Path) -> Non
 
 
 def operator_weights(op: Operator, base: BaseModelFiles) -> dict[str, torch.Tensor]:
-    """W_new = W_old·K for every k/v layer of the base whose projection the operator edits."""
+    """W_new = W_old·K for every k/v layer of the base whose projection the operator edits.
+
+    Raises:
+        ModelError: a base weight holds NaN/inf.
+        SolveError: a result holds NaN/inf (it overflows the weight dtype).
+    """
     keys = [t.key for t in base.kv if t.key.split(".")[-2] in op.projections]
-    return {key: apply_operator(w, op.k) for key, w in base.read_kv(keys).items()}
+    old = base.read_kv(keys)
+    check_base_weights(old, kv_files(base))
+    new = {key: apply_operator(w, op.k) for key, w in old.items()}
+    for key, w in new.items():
+        check_result(f"{base.denoiser}.{key}", w)
+    return new

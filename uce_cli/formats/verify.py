@@ -8,6 +8,7 @@ tensors are compared too, and each error is also given relative to the edit's ow
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,11 @@ class Comparison:
 
 
 def _rel(num: torch.Tensor, den: torch.Tensor) -> float:
+    """‖num‖ / ‖den‖; infinite when either holds NaN/inf (so such a tensor fails and is the worst)."""
     d = float(den.norm())
     n = float(num.norm())
+    if not (math.isfinite(n) and math.isfinite(d)):
+        return float("inf")
     return n / d if d > 0 else (0.0 if n == 0 else float("inf"))
 
 

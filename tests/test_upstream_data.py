@@ -1,0 +1,138 @@
+"""The upstream concept lists ship with uce: recipes naming them validate with no network, no mirror."""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import SHARED_DATA, write_recipe
+from uce_cli.cli import app
+from uce_cli.errors import DataError
+from uce_cli.plan import plan_recipe
+from uce_cli.upstream import DATA_DIR, SHIPPED_FROM, SHIPPED_ONLY, upstream_source
+
+REPO = Path(__file__).resolve().parents[1]
+FIVE = "info/erased-5artists-towards_art-preserve_true-sd_1_4-method_replace.txt"
+
+
+@pytest.fixture()
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No mirror, an empty cache, and any download attempt fails the test."""
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.delenv("UCE_DATA_MIRROR", raising=False)
+    monkeypatch.setenv("UCE_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_shipped_recipes_validate_offline(offline: None) -> None:
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    result = CliRunner().invoke(app, ["validate", *map(str, recipes)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("ok ") == len(recipes)
+    # 5 artists × 6 prompts; the 1734 shipped artists less the four of them it lists, plus "".
+    assert "erase-5-artists.yaml: 30 edit prompts, 1731 preserve prompts" in result.stdout
+
+
+def test_upstream_column_reads_the_shipped_list(offline: None, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        "model: builtin:tiny-sd\nerase:\n  - concepts: [Kelly Mckernan]\npreserve:\n"
+        "  - concepts_file: upstream:artists1734_prompts.csv\n    column: artist\n"
+        "    exclude_edited: true\n",
+    )
+    preserve = plan_recipe(recipe).preserve
+    assert preserve[:3] == ["", "A.J.Casson", "Aaron Douglas"]
+    assert len(preserve) == 1 + 1734 - 1  # "" always, Kelly Mckernan excluded
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "first"),
+    [
+        ("artists1734.txt", 1734, "A.J.Casson"),
+        ("professions.txt", 225, "attendant"),
+        ("imagenette-classes.txt", 10, "tench"),
+        ("i2p-categories.txt", 7, "violence"),
+        ("holdout100-artists.txt", 100, "Alasdair McLellan"),
+        (FIVE, 5, "Albert Watson"),
+    ],
+)
+def test_shipped_list_by_name(
+    offline: None, tmp_path: Path, name: str, count: int, first: str
+) -> None:
+    recipe = write_recipe(
+        tmp_path, f"model: builtin:tiny-sd\nerase:\n  - concepts_file: upstream:{name}\n"
+    )
+    concepts = list(dict.fromkeys(p.concept for p in plan_recipe(recipe).pairs))
+    assert len(concepts) == count
+    assert concepts[0] == first
+
+
+def test_shipped_list_refuses_a_column(offline: None) -> None:
+    path, column = upstream_source("artists1734.txt", "artist")
+    assert path == DATA_DIR / "artists1734.txt" and column == "artist"  # plan: "not a csv"
+
+
+def test_large_prompt_sets_are_still_fetched(offline: None) -> None:
+    with pytest.raises(AssertionError, match="network access attempted"):
+        upstream_source("coco_30k.csv", "prompt")
+
+
+def test_shipped_data_has_licence_and_source() -> None:
+    assert "MIT License" in (DATA_DIR / "LICENSE.upstream").read_text()
+    source = (DATA_DIR / "SOURCE.md").read_text()
+    assert "28c81ed5a3e41277c1a0dc55f738e7ab188e9718" in source
+    shipped = sorted(str(p.relative_to(DATA_DIR)) for p in DATA_DIR.rglob("*.txt") if p.is_file())
+    assert shipped == sorted([*SHIPPED_FROM, *SHIPPED_ONLY])
+    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*")) < 200_000
+
+
+def test_package_data_globs_cover_the_shipped_files() -> None:
+    """A wheel (not only an editable install) carries every file of uce_cli/data/."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["uce_cli"]
+    package = REPO / "uce_cli"
+    for path in DATA_DIR.rglob("*"):
+        if path.is_file():
+            rel = str(path.relative_to(package))
+            assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), (
+                f"{rel} is not in pyproject's package-data"
+            )
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs the upstream data mirror")
+def test_shipped_lists_match_the_upstream_files() -> None:
+    def column(name: str, col: str) -> list[str]:
+        text = (SHARED_DATA / name).read_text(encoding="utf-8-sig")
+        values = [(row.get(col) or "").strip() for row in csv.DictReader(io.StringIO(text))]
+        return list(dict.fromkeys(v for v in values if v))
+
+    for shipped, (source, col) in SHIPPED_FROM.items():
+        if col is None:
+            expected = [c.strip() for c in json.loads((SHARED_DATA / source).read_text())]
+        else:
+            expected = column(source, col)
+        assert lines(DATA_DIR / shipped) == expected, shipped
+    categories = [
+        c.strip() for v in column("unsafe-prompts4703.csv", "categories") for c in v.split(",")
+    ]
+    assert lines(DATA_DIR / "i2p-categories.txt") == list(dict.fromkeys(categories))
+
+
+def test_unknown_upstream_name_lists_the_shipped_ones(offline: None) -> None:
+    with pytest.raises(DataError, match="artists1734.txt"):
+        upstream_source("nope.csv", None)
