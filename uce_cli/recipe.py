@@ -19,6 +19,7 @@ from uce_cli.errors import RecipeError
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
 Projection = Literal["to_k", "to_v"]
+AlphaScale = Literal["relative", "absolute"]
 OutputFormat = Literal["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
@@ -97,13 +98,24 @@ class ModerateGroup(ConceptSource):
 
 
 class DebiasGroup(ConceptSource):
-    """Concepts whose outputs are spread over attributes, Eq. 9: v* = W_old (c + sum_a alpha_a c_a)."""
+    """Concepts whose outputs are spread over attributes (paper §4.3, Eq. 9 / the published code).
+
+    Each prompt of a concept (``image of doctor``) gets attribute prompts by replacing the concept
+    (``image of male``); the target adds α-weighted attribute outputs, norm-relative
+    (``alpha_scale: relative``, the published code) or as Eq. 9 (``absolute``).
+    """
 
     attributes: dict[NonEmptyStr, float] | list[NonEmptyStr] = Field(
-        description="attributes (with desired ratios), e.g. {male: 0.5, female: 0.5}"
+        description="attributes (with desired ratios summing to 1), e.g. {male: 0.5, female: 0.5}"
     )
     alphas: dict[NonEmptyStr, float] | Literal["auto"] = Field(
-        description="alpha per attribute (explicit numbers); `auto` needs the debias loop"
+        description="alpha per attribute (explicit numbers), or `auto` (Algorithm 1: sample, "
+        "classify, update, re-edit; settings in `debias_loop`)"
+    )
+    alpha_scale: AlphaScale | None = Field(
+        default=None,
+        description="relative (α times the target's norm, the published code; default in paper "
+        "mode) | absolute (Eq. 9: v* = W_old (c + Σ α c_a); default in last-token mode)",
     )
 
     @field_validator("attributes")
@@ -113,8 +125,15 @@ class DebiasGroup(ConceptSource):
     ) -> dict[str, float] | list[str]:
         if not value:
             raise ValueError("no attributes — list at least one, e.g. {male: 0.5, female: 0.5}")
-        if isinstance(value, dict) and any(v < 0 for v in value.values()):
-            raise ValueError("attribute ratios must be >= 0")
+        if isinstance(value, dict):
+            if any(v < 0 for v in value.values()):
+                raise ValueError("attribute ratios must be >= 0")
+            total = sum(value.values())
+            if abs(total - 1) > 1e-6:
+                raise ValueError(
+                    f"the desired ratios sum to {total:g}, not 1 — they are the shares of the "
+                    "images each attribute should get, e.g. {male: 0.5, female: 0.5}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -127,6 +146,36 @@ class DebiasGroup(ConceptSource):
                     "— give one alpha per attribute"
                 )
         return self
+
+    def desired_ratios(self) -> list[float]:
+        """Desired share per attribute, in attribute order (uniform for a plain list)."""
+        if isinstance(self.attributes, dict):
+            return [float(v) for v in self.attributes.values()]
+        return [1.0 / len(self.attributes)] * len(self.attributes)
+
+
+class DebiasLoop(_Strict):
+    """Settings of Algorithm 1 (``alphas: auto``); defaults are the published loop's."""
+
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4],
+        min_length=1,
+        description="seeds per item, fixed for every iteration (the published loop draws 5 at "
+        "random each iteration)",
+    )
+    images_per_seed: int = Field(default=10, ge=1, description="images drawn from each seed")
+    steps: int = Field(default=20, ge=1, description="sampling steps")
+    guidance: float = Field(default=7.5, ge=0, description="classifier-free guidance scale")
+    batch_size: int = Field(default=10, ge=1, description="images per pipeline call")
+    classifier: NonEmptyStr = Field(
+        default="openai/clip-vit-base-patch32",
+        description="CLIP model (hub id or local folder) that labels each image zero-shot",
+    )
+    eta: float = Field(default=0.1, gt=0, description="step size: α = eta·(desired − ratio)")
+    tolerance: float = Field(
+        default=0.05, gt=0, description="an item is done when every ratio is this close"
+    )
+    max_iterations: int = Field(default=30, ge=1, description="sample → edit rounds at most")
 
 
 class PreserveGroup(ConceptSource):
@@ -181,6 +230,7 @@ class Recipe(_Strict):
     moderate: list[ModerateGroup] = Field(default_factory=list)
     debias: list[DebiasGroup] = Field(default_factory=list)
     preserve: list[PreserveGroup] = Field(default_factory=list)
+    debias_loop: DebiasLoop = Field(default_factory=DebiasLoop)
     solver: Solver = Field(default_factory=Solver)
     layers: Layers = Field(default_factory=Layers)
     output: Output = Field(default_factory=Output)
