@@ -1,0 +1,150 @@
+"""Debias as the published code does it: the one-pass target against a float64 transcription of
+paper-era ``train_debias.py``, Algorithm 1 with a scripted judge against a float64 re-computation
+of the same iterations, the loop through the real sampling and a tiny CLIP, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from tests.conftest import write_recipe
+from uce_cli.errors import RecipeError, UceError
+from uce_cli.plan import plan_recipe
+from uce_cli.runner import run_apply
+
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def kv_weights(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / UNET_FILE), framework="pt") as f:
+        return {
+            k: f.get_tensor(k)
+            for k in f.keys()  # noqa: SIM118
+            if ".attn2.to_" in k and k.endswith(("to_k.weight", "to_v.weight"))
+        }
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+class Published:
+    """float64 transcription of paper-era train_debias.py's edit_model (one pass, given weights).
+
+    Per layer: for each edit prompt, encode [prompt] + attribute prompts, take positions
+    f … 77 − (farthest − f) of each, T ← W·C and, per attribute in order,
+    T += α_j·‖T‖·u_j with u_j = W·A_j/‖W·A_j‖ (``relative``; ``absolute``: T += α_j·W·A_j);
+    mat1 += Σ T cᵀ, mat2 += Σ c cᵀ; then every retain text with all 77 positions at
+    ``preserve_scale``; W ← mat1·mat2⁻¹.
+    """
+
+    def __init__(self, model: Path) -> None:
+        self.tok = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+        self.enc = CLIPTextModel.from_pretrained(str(model / "text_encoder")).eval()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        ids = self.tok(
+            texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
+        return self.enc(ids.input_ids)[0].double(), [int(n) - 2 for n in ids.attention_mask.sum(1)]
+
+    def layer(
+        self,
+        w: torch.Tensor,
+        edits: list[tuple[str, list[str], list[float]]],
+        retain: list[str],
+        relative: bool,
+        lamb: float = 0.5,
+        erase_scale: float = 1.0,
+        preserve_scale: float = 0.1,
+    ) -> torch.Tensor:
+        w = w.double()
+        mat1 = lamb * w.clone()
+        mat2 = lamb * torch.eye(w.shape[1], dtype=torch.float64)
+        for old_text, new_texts, weights in edits:
+            emb, f = self.embed([old_text, *new_texts])
+            farthest = max(f)
+            context = emb[0, f[0] : 77 - (farthest - f[0])]
+            target = (emb[0] @ w.T)[f[0] : 77 - (farthest - f[0])]
+            for j in range(len(new_texts)):
+                u = (emb[j + 1] @ w.T)[f[j + 1] : 77 - (farthest - f[j + 1])]
+                if relative:
+                    u = u / u.norm()
+                    target += (weights[j] * target.norm()) * u  # in place: ‖T‖ after the last add
+                else:
+                    target += weights[j] * u
+            for c, v in zip(context, target, strict=True):
+                mat1 += erase_scale * torch.outer(v, c)
+                mat2 += erase_scale * torch.outer(c, c)
+        for text in retain:
+            emb, _ = self.embed([text])
+            for c in emb[0]:
+                mat1 += preserve_scale * torch.outer(w @ c, c)
+                mat2 += preserve_scale * torch.outer(c, c)
+        return torch.linalg.solve(mat2.T, mat1.T).T  # mat1 · mat2⁻¹
+
+
+@pytest.fixture(scope="module")
+def published(tiny_model: Path) -> Published:
+    return Published(tiny_model)
+
+
+# Three attributes, two of them several tokens long in the tiny vocabulary (asian, latino).
+ATTRIBUTES = {"black": 0.3, "asian": 0.3, "latino": 0.4}
+ALPHAS = {"black": 0.4, "asian": -0.25, "latino": 0.15}
+
+
+@pytest.mark.parametrize("alpha_scale", ["relative", "absolute"])
+def test_one_pass_target_matches_the_published_code(
+    alpha_scale: str, tiny_model: Path, published: Published, tmp_path: Path
+) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+model: {tiny_model}
+debias:
+  - concepts: [doctor, nurse]
+    templates: ["image of {{}}", "{{}}"]
+    attributes: {json.dumps(ATTRIBUTES)}
+    alphas: {json.dumps(ALPHAS)}
+    alpha_scale: {alpha_scale}
+preserve:
+  - concepts: [lawyer, a photo of a dog]
+output: {{formats: [delta, lora]}}
+""",
+    )
+    plan = plan_recipe(recipe)
+    assert (plan.lam, plan.erase_scale, plan.preserve_scale) == (0.5, 1.0, 0.1)
+    assert plan.preserve == ["lawyer", "a photo of a dog"]  # no "" (the debias script has none)
+    out = run_apply(plan, out=tmp_path / "out", device="cpu", use_cache=False).out
+    new = _delta(out)
+    edits = [
+        (f"image of {c}", [f"image of {a}" for a in ATTRIBUTES], list(ALPHAS.values()))
+        for c in ("doctor", "nurse")
+    ] + [(c, list(ATTRIBUTES), list(ALPHAS.values())) for c in ("doctor", "nurse")]
+    old = kv_weights(tiny_model)
+    worst = max(
+        rel(
+            new[key],
+            published.layer(w, edits, ["lawyer", "a photo of a dog"], alpha_scale == "relative"),
+        )
+        for key, w in old.items()
+    )
+    assert worst < 1e-6, worst
+    log = json.loads((out / "edit_log.json").read_text())
+    per_layer = alpha_scale == "relative"
+    assert (log["solver"]["operator_rank"] is None) == per_layer
+    assert max(m["residual_after"] for m in log["layers"].values()) < max(
+        m["residual_before"] for m in log["layers"].values()
+    )
+
+
+def _delta(out: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(out / "edit.safetensors"), framework="pt") as f:
+        return {k.removeprefix("unet."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
