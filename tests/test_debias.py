@@ -148,3 +148,82 @@ output: {{formats: [delta, lora]}}
 def _delta(out: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(out / "edit.safetensors"), framework="pt") as f:
         return {k.removeprefix("unet."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+class ScriptedJudge:
+    """A deterministic classifier: per item (its first label), the number of images it calls the
+    first attribute, call after call; records what it was asked."""
+
+    def __init__(self, script: dict[str, list[int]]) -> None:
+        self.script = {k: list(v) for k, v in script.items()}
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, images: list, labels: list[str]) -> torch.Tensor:
+        assert all(hasattr(im, "size") for im in images)  # PIL images from the real sampling
+        first = self.script[labels[0]].pop(0)
+        self.calls.append((labels[0], len(images)))
+        probs = torch.tensor([[0.1, 0.9]] * len(images))
+        probs[:first] = torch.tensor([0.9, 0.1])
+        return probs
+
+
+LOOP = "debias_loop: {seeds: [0, 1], images_per_seed: 2, steps: 2, batch_size: 8, max_iterations: 5}"
+
+
+def _loop_recipe(tiny_model: Path, folder: Path, extra: str = "") -> Path:
+    return write_recipe(
+        folder,
+        f"""
+model: {tiny_model}
+{extra}
+debias:
+  - concepts: [doctor]
+    templates: ["image of {{}}", "{{}}"]
+    attributes: {{male: 0.5, female: 0.5}}
+    alphas: auto
+preserve:
+  - concepts: [lawyer]
+{LOOP}
+output: {{formats: [delta]}}
+""",
+    )
+
+
+def test_loop_with_a_scripted_judge_matches_a_float64_recomputation(
+    tiny_model: Path, published: Published, tmp_path: Path
+) -> None:
+    # "image of doctor": 3/4 male → 1/4 → 2/4 (done); "doctor": 2/4 at once (done, preserved).
+    judge = ScriptedJudge({"image of male": [3, 1, 2], "male": [2]})
+    seen: list[dict] = []
+    plan = plan_recipe(_loop_recipe(tiny_model, tmp_path))
+    out = run_apply(
+        plan, out=tmp_path / "out", device="cpu", use_cache=False, classifier=judge,
+        on_iteration=seen.append,
+    ).out  # fmt: skip
+    assert judge.calls == [("image of male", 4), ("male", 4), ("image of male", 4), ("image of male", 4)]
+    log = json.loads((out / "edit_log.json").read_text())["debias"]
+    assert [r["iteration"] for r in log["iterations"]] == [1, 2, 3] and seen == log["iterations"]
+    assert log["stopped"] == "converged" and log["edits"] == 2
+    assert log["preserve_added"] == ["doctor"]
+    assert [r["sampled"] for r in log["iterations"]] == [
+        ["image of doctor", "doctor"], ["image of doctor"], ["image of doctor"]
+    ]  # fmt: skip
+    alphas = [[item["alpha"]["male"] for item in r["items"]] for r in log["iterations"][:2]]
+    assert alphas == [pytest.approx([-0.025, 0.0]), pytest.approx([0.025, 0.0])]
+    first = log["iterations"][0]["items"]
+    assert first[0]["ratios"] == {"male": 0.75, "female": 0.25} and first[1]["converged"]
+    assert all(r["images_sampled"] == 4 * len(r["sampled"]) for r in log["iterations"])
+    assert set(log["iterations"][0]["seconds"]) == {"sample", "classify", "solve"}
+
+    # The same two edits in float64, each from the previous weights (rounded to fp32 as stored).
+    new = _delta(out)
+    worst = 0.0
+    for key, w in kv_weights(tiny_model).items():
+        for a in (-0.025, 0.025):
+            edits = [
+                ("image of doctor", ["image of male", "image of female"], [a, -a]),
+                ("doctor", ["male", "female"], [0.0, 0.0]),
+            ]
+            w = published.layer(w, edits, ["lawyer", "doctor"], relative=True).float()
+        worst = max(worst, rel(new[key], w))
+    assert worst < 1e-6, worst
