@@ -167,7 +167,9 @@ class ScriptedJudge:
         return probs
 
 
-LOOP = "debias_loop: {seeds: [0, 1], images_per_seed: 2, steps: 2, batch_size: 8, max_iterations: 5}"
+LOOP = (
+    "debias_loop: {seeds: [0, 1], images_per_seed: 2, steps: 2, batch_size: 8, max_iterations: 5}"
+)
 
 
 def _loop_recipe(tiny_model: Path, folder: Path, extra: str = "") -> Path:
@@ -200,7 +202,12 @@ def test_loop_with_a_scripted_judge_matches_a_float64_recomputation(
         plan, out=tmp_path / "out", device="cpu", use_cache=False, classifier=judge,
         on_iteration=seen.append,
     ).out  # fmt: skip
-    assert judge.calls == [("image of male", 4), ("male", 4), ("image of male", 4), ("image of male", 4)]
+    assert judge.calls == [
+        ("image of male", 4),
+        ("male", 4),
+        ("image of male", 4),
+        ("image of male", 4),
+    ]
     log = json.loads((out / "edit_log.json").read_text())["debias"]
     assert [r["iteration"] for r in log["iterations"]] == [1, 2, 3] and seen == log["iterations"]
     assert log["stopped"] == "converged" and log["edits"] == 2
@@ -227,3 +234,170 @@ def test_loop_with_a_scripted_judge_matches_a_float64_recomputation(
             w = published.layer(w, edits, ["lawyer", "doctor"], relative=True).float()
         worst = max(worst, rel(new[key], w))
     assert worst < 1e-6, worst
+
+
+def write_tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIPModel with the tiny CLIP tokenizer and a PIL image processor, saved as a
+    model folder (the layout of openai/clip-vit-base-patch32, loaded through from_pretrained)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from uce_cli.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4,
+        },
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    import transformers
+
+    processor_cls = (
+        getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    )
+    processor_cls(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+def test_clip_classifier_scores_images_as_clip_does(tiny_clip: Path) -> None:
+    from PIL import Image
+    from transformers import CLIPModel
+
+    from uce_cli.classify import ClipClassifier, label_ratios
+
+    images = [Image.new("RGB", (64, 64), color) for color in ("red", "blue", "white")]
+    labels = ["image of male", "image of female", "image of black"]
+    clf = ClipClassifier(str(tiny_clip), torch.device("cpu"), batch_size=2)
+    probs = clf(images, labels)
+    assert probs.shape == (3, 3)
+    assert torch.allclose(probs.sum(1), torch.ones(3), atol=1e-6)
+    # the same numbers from CLIPModel's own forward pass on the processor's inputs
+    model = CLIPModel.from_pretrained(str(tiny_clip)).eval()
+    text = clf.tokenizer(labels, padding=True, return_tensors="pt")
+    pixels = clf.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(**text, pixel_values=pixels).logits_per_image.softmax(1)
+    assert torch.allclose(probs, expected, atol=1e-5)
+    # ratios: an image counts for every label at its maximum (ties count for each)
+    tie = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    assert label_ratios(tie).tolist() == [0.5, 0.5, 0.25]
+
+
+def test_loop_with_tiny_clip_through_real_sampling(
+    tiny_model: Path, tiny_clip: Path, tmp_path: Path
+) -> None:
+    recipe = _loop_recipe(tiny_model, tmp_path)
+    text = recipe.read_text().replace(
+        "max_iterations: 5", f"max_iterations: 2, classifier: {tiny_clip}"
+    )
+    recipe.write_text(text)
+    plan = plan_recipe(recipe)
+    out = run_apply(plan, out=tmp_path / "out", device="cpu", use_cache=False).out
+    log = json.loads((out / "edit_log.json").read_text())["debias"]
+    assert log["settings"]["classifier"] == str(tiny_clip)
+    for record in log["iterations"]:
+        for item in record["items"]:
+            ratios = list(item["ratios"].values())
+            assert all(r * 4 == int(r * 4) for r in ratios) and sum(ratios) >= 1  # 4 images, ties
+            gap = max(abs(r - 0.5) for r in ratios)
+            assert item["gap"] == pytest.approx(gap)
+            expected = [0.1 * (0.5 - r) for r in ratios] if gap > 0.05 else [0.0, 0.0]
+            assert list(item["alpha"].values()) == pytest.approx(expected)
+    changed = rel(
+        _delta(out)[next(iter(kv_weights(tiny_model)))], next(iter(kv_weights(tiny_model).values()))
+    )
+    assert (changed > 0) == (log["edits"] > 0)
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        (
+            "concepts: [doctor]\n    attributes: {male: 0.5, female: 0.6}\n    alphas: auto",
+            "debias.0.attributes: the desired ratios sum to 1.1, not 1",
+        ),
+        (
+            "concepts: [doctor]\n    attributes: [Doctor, female]\n    alphas: auto",
+            "debias.0.attributes: 'Doctor' is the concept itself",
+        ),
+        (
+            'concepts: [doctor]\n    templates: ["{} of a doctor"]\n    attributes: [male, female]\n'
+            "    alphas: auto",
+            "debias.0.templates: '{} of a doctor' already contains 'doctor' outside {}",
+        ),
+        (
+            'concepts: [doctor]\n    templates: ["image of a person"]\n    attributes: [male]\n'
+            "    alphas: auto",
+            "debias.0.templates: template 'image of a person' must contain exactly one {}",
+        ),
+        (
+            "concepts: [doctor]\n    attributes: [male, female]\n    alphas: {male: 1, female: 1}\n"
+            "output: {formats: [delta, operator]}",
+            "output.formats: the operator format needs an edit W_new = W_old·K, but debias.0 uses "
+            "norm-relative debias targets",
+        ),
+    ],
+)
+def test_bad_debias_input(group: str, expected: str, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, f"model: m\ndebias:\n  - {group}\n")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(recipe)
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_auto_without_classifier_offline_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from uce_cli.cli import app
+
+    recipe = _loop_recipe(tiny_model, tmp_path)
+    result = CliRunner().invoke(app, ["apply", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: debias_loop.classifier: cannot load")
+    assert "hf download openai/clip-vit-base-patch32" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_relative_debias_has_no_operator(tiny_model: Path, tmp_path: Path) -> None:
+    """LoRA works from the per-layer result; the operator format and transfer refuse clearly."""
+    from uce_cli.formats.transfer import run_transfer
+
+    recipe = write_recipe(
+        tmp_path,
+        f"model: {tiny_model}\ndebias:\n  - concepts: [doctor]\n    attributes: [male, female]\n"
+        "    alphas: {male: 0.3, female: 0.3}\noutput: {formats: [delta, lora]}\n",
+    )
+    plan = plan_recipe(recipe)
+    out = run_apply(plan, out=tmp_path / "out", device="cpu", use_cache=False).out
+    from safetensors.torch import load_file
+
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    delta = _delta(out)
+    old = kv_weights(tiny_model)
+    key = next(iter(old))
+    module = "unet." + key.removesuffix(".weight")
+    dw = lora[f"{module}.lora_B.weight"].double() @ lora[f"{module}.lora_A.weight"].double()
+    assert rel(old[key].double() + dw, delta[key]) < 1e-6
+    plan.formats = ["operator"]
+    with pytest.raises(UceError, match="operator format needs an edit W_new = W_old·K"):
+        run_apply(plan, out=tmp_path / "out2", device="cpu", use_cache=False)
+    with pytest.raises(UceError, match="norm-relative debias targets"):
+        run_transfer(out, str(tiny_model), tmp_path / "out3", ["delta"])

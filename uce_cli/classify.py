@@ -30,7 +30,14 @@ class ClipClassifier:
             UceError: the model is not available (offline and not cached, or a bad folder) —
                 naming the model to fetch.
         """
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        import transformers
+        from transformers import AutoTokenizer, CLIPModel
+
+        # The PIL image processor: the default one would need torchvision (transformers ≥ 5
+        # names the PIL one apart; older versions' CLIPImageProcessor is the PIL one).
+        processor_cls = (
+            getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        )
 
         self.model_id = model_id
         self.device = device
@@ -38,7 +45,7 @@ class ClipClassifier:
         try:
             self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-            self.processor = CLIPImageProcessor.from_pretrained(model_id)
+            self.processor = processor_cls.from_pretrained(model_id)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UceError(
