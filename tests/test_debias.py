@@ -235,6 +235,20 @@ def test_loop_with_a_scripted_judge_matches_a_float64_recomputation(
         worst = max(worst, rel(new[key], w))
     assert worst < 1e-6, worst
 
+    # `uce show` lists the iterations and writes the ratio plot
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from uce_cli.cli import app
+
+    png = tmp_path / "ratios.png"
+    shown = CliRunner().invoke(app, ["show", str(out), "--plot", str(png)])
+    assert shown.exit_code == 0, shown.output
+    assert "debias loop — stopped: converged" in shown.stdout
+    assert "image of doctor" in shown.stdout and "male 0.50" in shown.stdout
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 400
+
 
 def write_tiny_clip(folder: Path) -> Path:
     """A tiny random CLIPModel with the tiny CLIP tokenizer and a PIL image processor, saved as a
@@ -401,3 +415,32 @@ def test_relative_debias_has_no_operator(tiny_model: Path, tmp_path: Path) -> No
         run_apply(plan, out=tmp_path / "out2", device="cpu", use_cache=False)
     with pytest.raises(UceError, match="norm-relative debias targets"):
         run_transfer(out, str(tiny_model), tmp_path / "out3", ["delta"])
+
+
+def test_ctrl_c_writes_nothing_and_says_how_far(
+    tiny_model: Path, tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import uce_cli.debias
+    from uce_cli.cli import app
+
+    recipe = _loop_recipe(tiny_model, tmp_path)
+    recipe.write_text(recipe.read_text().replace("max_iterations: 5", f"classifier: {tiny_clip}"))
+    calls = []
+
+    def judge_then_interrupt(probs: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > 2:  # two items in iteration 1, then Ctrl-C in iteration 2
+            raise KeyboardInterrupt
+        return torch.tensor([1.0, 0.0], dtype=torch.float64)  # all "male": far from 0.5
+
+    monkeypatch.setattr(uce_cli.debias, "label_ratios", judge_then_interrupt)
+    result = CliRunner().invoke(app, ["apply", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == (
+        "error: interrupted after iteration 1 of 30 — nothing was written (the output is "
+        "written once, when the loop ends)"
+    )
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

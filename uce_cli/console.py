@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +21,17 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+class _BarsBelow(Progress):
+    """Rich progress bars with one extra renderable (e.g. the debias loop's table) above them."""
+
+    extra: RenderableType | None = None
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        if self.extra is not None:
+            yield self.extra
+        yield self.make_tasks_table(self.tasks)
+
+
 class RichProgress:
     """The library's Progress protocol rendered as Rich bars on stderr (off when quiet / not a TTY)."""
 
@@ -30,7 +43,7 @@ class RichProgress:
 
     def __enter__(self) -> RichProgress:
         if self.enabled:
-            self._bars = Progress(
+            self._bars = _BarsBelow(
                 SpinnerColumn(),
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -46,6 +59,13 @@ class RichProgress:
     def __exit__(self, *exc: object) -> None:
         if self._bars is not None:
             self._bars.stop()
+
+    def show(self, renderable: Any) -> None:
+        """Keep ``renderable`` on screen above the bars, replacing the previous one."""
+        if self._bars is None:
+            return
+        self._bars.extra = renderable
+        self._bars.refresh()
 
     def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
         if self._bars is None:

@@ -60,6 +60,7 @@ class LoopItem:
             "prompt": self.prompt,
             "section": self.section,
             "ratios": dict(zip(self.attributes, self.ratios or [], strict=False)),
+            "desired": dict(zip(self.attributes, self.desired, strict=True)),
             "gap": self.gap,
             "alpha": dict(zip(self.attributes, self.alphas, strict=True)),
             "converged": self.preserved,
