@@ -64,10 +64,17 @@ class Published:
         lamb: float = 0.5,
         erase_scale: float = 1.0,
         preserve_scale: float = 0.1,
+        erase: tuple[tuple[str, str], ...] = (),
     ) -> torch.Tensor:
         w = w.double()
         mat1 = lamb * w.clone()
         mat2 = lamb * torch.eye(w.shape[1], dtype=torch.float64)
+        for source, guide in erase:  # train_erase.py's pairs: last word ↔ last word, EOS ↔ EOS, …
+            emb, f = self.embed([source, guide])
+            k = 77 - max(f)
+            for c, g in zip(emb[0, f[0] : f[0] + k], emb[1, f[1] : f[1] + k], strict=True):
+                mat1 += erase_scale * torch.outer(w @ g, c)
+                mat2 += erase_scale * torch.outer(c, c)
         for old_text, new_texts, weights in edits:
             emb, f = self.embed([old_text, *new_texts])
             farthest = max(f)
@@ -448,3 +455,50 @@ def test_ctrl_c_writes_nothing_and_says_how_far(
     )
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_unified_recipe_edits_everything_in_every_iteration(
+    tiny_model: Path, published: Published, tmp_path: Path
+) -> None:
+    """erase + fixed-α debias + auto debias + preserve: one solve per iteration holds them all."""
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+model: {tiny_model}
+erase:
+  - concepts: [Kinkade]
+    guide: art
+debias:
+  - concepts: [doctor]
+    templates: ["image of {{}}"]
+    attributes: {{male: 0.5, female: 0.5}}
+    alphas: auto
+  - concepts: [nurse]
+    attributes: [male, female]
+    alphas: {{male: 0.2, female: 0.1}}
+preserve:
+  - concepts: [lawyer]
+{LOOP}
+output: {{formats: [delta]}}
+""",
+    )
+    plan = plan_recipe(recipe)
+    assert plan.preserve == ["", "lawyer"] and plan.preserve_scale == 0.5  # erase present: paper
+    judge = ScriptedJudge({"image of male": [3, 1, 2]})
+    out = run_apply(plan, out=tmp_path / "out", device="cpu", use_cache=False, classifier=judge).out
+    log = json.loads((out / "edit_log.json").read_text())
+    assert log["debias"]["edits"] == 2 and log["debias"]["stopped"] == "converged"
+    new = _delta(out)
+    worst = 0.0
+    for key, w in kv_weights(tiny_model).items():
+        for a in (-0.025, 0.025):
+            edits = [
+                ("image of doctor", ["image of male", "image of female"], [a, -a]),
+                ("nurse", ["male", "female"], [0.2, 0.1]),
+            ]
+            w = published.layer(
+                w, edits, ["", "lawyer"], relative=True, preserve_scale=0.5,
+                erase=(("Kinkade", "art"),),
+            ).float()  # fmt: skip
+        worst = max(worst, rel(new[key], w))
+    assert worst < 1e-6, worst
