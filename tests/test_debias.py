@@ -261,43 +261,10 @@ def test_loop_with_a_scripted_judge_matches_a_float64_recomputation(
         assert im.format == "PNG" and im.size[0] > 400
 
 
-def write_tiny_clip(folder: Path) -> Path:
-    """A tiny random CLIPModel with the tiny CLIP tokenizer and a PIL image processor, saved as a
-    model folder (the layout of openai/clip-vit-base-patch32, loaded through from_pretrained)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from uce_cli.tiny import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
-            "num_hidden_layers": 2, "num_attention_heads": 4,
-        },
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    import transformers
-
-    processor_cls = (
-        getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    )
-    processor_cls(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from uce_cli.tiny import write_tiny_clip
+
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 

@@ -42,10 +42,21 @@ class ClipClassifier:
         self.model_id = model_id
         self.device = device
         self.batch_size = batch_size
+        source = model_id
+        if model_id.startswith("builtin:"):
+            from uce_cli.paths import cache_dir
+            from uce_cli.tiny import TINY_CLIP_NAME, ensure_tiny_clip
+
+            if model_id != TINY_CLIP_NAME:
+                raise UceError(
+                    f"debias_loop.classifier: unknown builtin '{model_id}' — the builtin judge "
+                    f"is {TINY_CLIP_NAME} (random weights, for offline smoke runs)"
+                )
+            source = str(ensure_tiny_clip(cache_dir()))
         try:
-            self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-            self.processor = processor_cls.from_pretrained(model_id)
+            self.model = CLIPModel.from_pretrained(source).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.processor = processor_cls.from_pretrained(source)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UceError(
