@@ -345,6 +345,11 @@ def test_loop_with_tiny_clip_through_real_sampling(
             "output.formats: the operator format needs an edit W_new = W_old·K, but debias.0 uses "
             "norm-relative debias targets",
         ),
+        (
+            "concepts: [doctor]\n    attributes: [male, female]\n    alphas: {male: 1, female: 1}\n"
+            "debias_loop: {steps: 3}",
+            "`debias_loop` is set but no debias group has `alphas: auto`",
+        ),
     ],
 )
 def test_bad_debias_input(group: str, expected: str, tmp_path: Path) -> None:

@@ -382,7 +382,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         recipe_sha256=recipe_sha256(recipe),
         source_file=label,
         sections=sections,
-        loop=recipe.debias_loop if any(p.auto for p in unique_pairs) else None,
+        loop=(recipe.debias_loop or DebiasLoop()) if any(p.auto for p in unique_pairs) else None,
     )
 
 

@@ -230,7 +230,9 @@ class Recipe(_Strict):
     moderate: list[ModerateGroup] = Field(default_factory=list)
     debias: list[DebiasGroup] = Field(default_factory=list)
     preserve: list[PreserveGroup] = Field(default_factory=list)
-    debias_loop: DebiasLoop = Field(default_factory=DebiasLoop)
+    debias_loop: DebiasLoop | None = Field(
+        default=None, description="settings of Algorithm 1, for debias groups with `alphas: auto`"
+    )
     solver: Solver = Field(default_factory=Solver)
     layers: Layers = Field(default_factory=Layers)
     output: Output = Field(default_factory=Output)
@@ -241,6 +243,11 @@ class Recipe(_Strict):
         if not (self.erase or self.moderate or self.debias):
             raise ValueError(
                 "no edit section — add at least one of `erase`, `moderate` or `debias`"
+            )
+        if self.debias_loop is not None and not any(g.alphas == "auto" for g in self.debias):
+            raise ValueError(
+                "`debias_loop` is set but no debias group has `alphas: auto` — remove it, or set "
+                "`alphas: auto` on the group whose α the loop should find"
             )
         return self
 

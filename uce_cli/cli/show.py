@@ -58,7 +58,9 @@ def summary_table(log: dict) -> Table:
         "preserve prompts / vectors": f"{plan.get('preserve_prompts')} / {plan.get('preserve_vectors')}",
         "λ, s_e, s_p": f"{solver.get('lambda', '—')}, {solver.get('erase_scale', '—')}, "
         f"{_fmt(solver.get('preserve_scale'), '.4g')}",
-        "operator rank": f"{solver.get('operator_rank')} of {solver.get('width')}",
+        "operator rank": f"{solver.get('operator_rank')} of {solver.get('width')}"
+        if solver.get("operator_rank") is not None
+        else solver.get("form", "—"),
         "timings (s)": ", ".join(f"{k} {v:.2f}" for k, v in log.get("timings", {}).items()),
         "versions": ", ".join(f"{k} {v}" for k, v in log.get("versions", {}).items()),
     }
