@@ -295,7 +295,15 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
     for pair in plan.pairs:
         shown = report["first_pairs"].setdefault(pair.section, [])
         if len(shown) < first:
-            shown.append({"source": pair.source, "targets": [list(t) for t in pair.targets]})
+            item: dict[str, Any] = {
+                "source": pair.source,
+                "targets": [list(t) for t in pair.targets],
+            }
+            if pair.attributes:
+                item["alpha"] = ("auto, " if pair.auto else "") + (
+                    "relative" if pair.relative else "absolute"
+                )
+            shown.append(item)
     tokenizer = _local_tokenizer(plan.model)
     if tokenizer is None:
         report["vectors"] = (

@@ -27,7 +27,8 @@ def _render_dry_run(report: dict) -> None:
                 if "vectors" in item
                 else ""
             )
-            lines.append(f"'{item['source']}' → {target}{vec}")
+            alpha = f"  (α {item['alpha']})" if "alpha" in item else ""
+            lines.append(f"'{item['source']}' → {target}{vec}{alpha}")
         counts = report["sections"][section]
         table.add_row(
             f"{section}\n{counts['concepts']} concepts, {counts['prompts']} prompts",
