@@ -9,13 +9,14 @@ at SD 1.4's shapes, for projecting the published 35-profession run.
     K = 74 aligned positions and 2 attributes, 77-token preserve statistics; float64 on the CPU.
 
 Usage:
-    python scripts/bench_debias.py --items 10 --solve-items 20
+    python scripts/bench_debias.py --items 5 --images-per-seed 2 --solve-items 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 
-def bench_loop(items: int, folder: Path) -> dict:
+def bench_loop(items: int, images_per_seed: int, iterations: int, folder: Path) -> dict:
     from uce_cli.plan import plan_recipe
     from uce_cli.runner import run_apply
     from uce_cli.tiny import write_tiny_clip, write_tiny_model
@@ -41,7 +42,8 @@ def bench_loop(items: int, folder: Path) -> dict:
         '    templates: ["{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}"]\n'
         "    attributes: {male: 0.5, female: 0.5}\n"
         "    alphas: auto\n"
-        f"debias_loop: {{classifier: {clip}, max_iterations: 2, tolerance: 0.0001}}\n"
+        f"debias_loop: {{classifier: {clip}, max_iterations: {iterations}, "
+        f"images_per_seed: {images_per_seed}, tolerance: 0.0001}}\n"
         "output: {formats: [delta]}\n"
     )
     plan = plan_recipe(recipe)
@@ -101,12 +103,17 @@ def bench_solve(items: int, k: int = 74, preserve_prompts: int = 35) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=10)
-    parser.add_argument("--solve-items", type=int, default=20)
+    parser.add_argument("--images-per-seed", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--solve-items", type=int, default=20, help="0: skip the SD-shape solve")
     args = parser.parse_args()
+    report: dict = {"load_average": os.getloadavg(), "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
-        loop = bench_loop(args.items, Path(tmp))
-    solve = bench_solve(args.solve_items)
-    print(json.dumps({"loop": loop, "solve_sd14_shapes": solve}, indent=2))
+        report["loop"] = bench_loop(args.items, args.images_per_seed, args.iterations, Path(tmp))
+    print(json.dumps(report, indent=2), flush=True)
+    if args.solve_items:
+        report = {"solve_sd14_shapes": bench_solve(args.solve_items)}
+        print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

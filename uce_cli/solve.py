@@ -115,7 +115,21 @@ def solve_layer(
     return torch.cholesky_solve(numer.T.contiguous(), chol).T.to(w_old.device, w_old.dtype)
 
 
-def debias_numerator(w_old: torch.Tensor, blocks: list[DebiasBlock]) -> tuple[torch.Tensor, float]:
+def stack_blocks(blocks: list[DebiasBlock]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All blocks' vectors stacked once for every layer: X = [C; A_1; …; A_J] per block, and C.
+
+    Returns:
+        ((Σ (1+J)K, d) rows of every block, (Σ K, d) rows of the prompts), float64.
+    """
+    xs = [torch.cat([b.C, b.A.reshape(-1, b.C.shape[1])]) for b in blocks]
+    return torch.cat(xs).to(torch.float64), torch.cat([b.C for b in blocks]).to(torch.float64)
+
+
+def debias_numerator(
+    w_old: torch.Tensor,
+    blocks: list[DebiasBlock],
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, float]:
     """Σ_i T_i C_iᵀ of one layer's debias targets, and Σ_i ‖T_i‖²_F (for the residual figure).
 
     For each block, in the order of its attributes (the published code updates T in place, so
@@ -125,28 +139,33 @@ def debias_numerator(w_old: torch.Tensor, blocks: list[DebiasBlock]) -> tuple[to
         T ← W·C + Σ_j α_j·W·A_j                           (absolute, Eq. 9)
 
     with Frobenius norms over the block's aligned positions. Rows here are vectors: T is (K, d_out).
+    Two GEMMs per layer serve every block (W·X for all blocks, then Tᵀ·C).
 
     Args:
         w_old: (d_out, d_in) weight of the layer.
-        blocks: the debias blocks (float64, CPU or the solve's device).
+        blocks: the debias blocks.
+        stacked: ``stack_blocks(blocks)``, to build once for all layers.
 
     Returns:
         ((d_out, d_in) float64 numerator term, float target energy).
     """
     w = w_old.to(torch.float64)
-    numer = torch.zeros_like(w)
-    energy = 0.0
+    if not blocks:
+        return torch.zeros_like(w), 0.0
+    x_all, c_all = stack_blocks(blocks) if stacked is None else stacked
+    y = x_all.to(w.device) @ w.T  # (Σ (1+J)K, d_out): W·x for every row
+    targets = []
+    offset = 0
     for block in blocks:
-        c = block.C.to(w.device)
-        k = c.shape[0]
-        y = torch.cat([c, block.A.to(w.device).reshape(-1, c.shape[1])]) @ w.T  # ((1+J)K, d_out)
-        t = y[:k].clone()
+        k = block.C.shape[0]
+        t = y[offset : offset + k].clone()
         for j, alpha in enumerate(block.alphas):
-            u = y[(j + 1) * k : (j + 2) * k]
+            u = y[offset + (j + 1) * k : offset + (j + 2) * k]
             t += alpha * t.norm() * u / u.norm() if block.relative else alpha * u
-        numer += t.T @ c
-        energy += float(t.square().sum())
-    return numer, energy
+        targets.append(t)
+        offset += (len(block.alphas) + 1) * k
+    t_all = torch.cat(targets)  # (Σ K, d_out)
+    return t_all.T @ c_all.to(w.device), float(t_all.square().sum())
 
 
 def fold_linear_blocks(stats: EditStats) -> EditStats:
@@ -303,9 +322,11 @@ def solve_edit(
     if stats.debias:
         # One factor of M serves every layer; only the numerator is per layer.
         chol = factorize(stats, scales)
+        stacked = stack_blocks(stats.debias)
+        stacked = (stacked[0].to(chol.device), stacked[1].to(chol.device))
         for name, w_old in weights.items():
             w0 = w_old.to(chol.device, torch.float64)
-            numer, energy = debias_numerator(w0, stats.debias)
+            numer, energy = debias_numerator(w0, stats.debias, stacked)
             v_star_c = w0 @ stats.G_ts + numer
             energy += _trace_form(w0, stats.G_t)
             new[name] = solve_layer(w_old, v_star_c, stats, scales, chol)
