@@ -137,16 +137,24 @@ def write_ratio_plot(debias: dict, path: Path) -> None:
     fig, axes = plt.subplots(
         1, len(attributes), figsize=(4.5 * len(attributes), 3.6), squeeze=False, sharey=True
     )
+    from matplotlib.ticker import MaxNLocator
+
     prompts = [item["prompt"] for item in iterations[0]["items"]]
+    markers = "osD^vP*Xph"
     for ax, attribute in zip(axes[0], attributes, strict=True):
-        for prompt in prompts:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for n, prompt in enumerate(prompts):
             xs, ys = [], []
             for record in iterations:
                 item = next(i for i in record["items"] if i["prompt"] == prompt)
                 if attribute in item["ratios"]:
                     xs.append(record["iteration"])
                     ys.append(item["ratios"][attribute])
-            ax.plot(xs, ys, marker="o", label=prompt)
+            # distinct markers and sizes keep items with equal ratios visible on top of each other
+            ax.plot(
+                xs, ys, marker=markers[n % len(markers)], markersize=max(3, 10 - 1.5 * (n % 5)),
+                linestyle=("-", "--", ":", "-.")[n % 4], label=prompt,
+            )  # fmt: skip
         ax.set_title(f"share of '{attribute}'")
         ax.set_xlabel("iteration")
         ax.set_ylim(-0.02, 1.02)
