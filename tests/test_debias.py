@@ -474,3 +474,20 @@ output: {{formats: [delta]}}
             ).float()  # fmt: skip
         worst = max(worst, rel(new[key], w))
     assert worst < 1e-6, worst
+
+
+def test_last_token_loop_is_one_operator(tiny_model: Path, tmp_path: Path) -> None:
+    """last-token: absolute α, so each iteration is W·K_t and the written operator is Π K_t."""
+    from uce_cli.formats.operator import read_operator
+
+    recipe = _loop_recipe(tiny_model, tmp_path, extra="alignment: last-token")
+    recipe.write_text(recipe.read_text().replace("formats: [delta]", "formats: [delta, operator]"))
+    judge = ScriptedJudge({"image of male": [3, 1, 2], "male": [2]})
+    out = run_apply(
+        plan_recipe(recipe), out=tmp_path / "out", device="cpu", use_cache=False, classifier=judge
+    ).out
+    assert json.loads((out / "edit_log.json").read_text())["debias"]["edits"] == 2
+    k = read_operator(out / "operator.safetensors").k.double()
+    new = _delta(out)
+    for key, w in kv_weights(tiny_model).items():
+        assert rel(new[key], w.double() @ k) < 1e-6, key
