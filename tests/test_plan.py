@@ -134,7 +134,8 @@ def test_concept_file_errors(tmp_path: Path, group: str, expected: str) -> None:
         plan_of(tmp_path, f"model: m\nerase:\n  - {group}\n")
 
 
-def test_debias_pairs_eq9(tmp_path: Path) -> None:
+def test_debias_pairs_replace_the_concept(tmp_path: Path) -> None:
+    """Attribute prompts replace the concept (the published code); α is norm-relative in paper mode."""
     plan = plan_of(
         tmp_path,
         'model: m\ndebias:\n  - concepts: [doctor]\n    templates: ["image of {}"]\n'
@@ -147,16 +148,23 @@ def test_debias_pairs_eq9(tmp_path: Path) -> None:
             "image of doctor",
             (
                 ("image of doctor", 1.0),
-                ("image of male doctor", 0.25),
-                ("image of female doctor", 0.5),
+                ("image of male", 0.25),
+                ("image of female", 0.5),
             ),
+            relative=True,
+            attributes=("male", "female"),
         )
     ]
-    with pytest.raises(RecipeError, match="alphas: `auto`"):
-        plan_of(
-            tmp_path,
-            "model: m\ndebias:\n  - concepts: [d]\n    attributes: [a]\n    alphas: auto\n",
-        )
+    assert plan.per_layer and plan.loop is None
+    auto = plan_of(
+        tmp_path,
+        "model: m\nalignment: last-token\ndebias:\n  - concepts: [d]\n    attributes: [a, b, c]\n"
+        "    alphas: auto\n",
+    )
+    assert [p.source for p in auto.pairs] == ["d"]
+    assert auto.pairs[0].targets == (("d", 1.0), ("a", 0.0), ("b", 0.0), ("c", 0.0))
+    assert auto.pairs[0].desired == (1 / 3, 1 / 3, 1 / 3) and not auto.pairs[0].relative
+    assert auto.loop is not None and auto.loop.max_iterations == 30 and not auto.per_layer
 
 
 def test_paths_relative_to_recipe(tmp_path: Path) -> None:

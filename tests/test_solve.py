@@ -116,6 +116,7 @@ debias:
   - concepts: [doctor]
     attributes: [male, female]
     alphas: {{male: 0.3, female: 0.2}}
+    alpha_scale: absolute
 preserve:
   - concepts: [Claude Monet, a photo of a dog]
 solver: {{lambda: 0.3, erase_scale: 0.8, preserve_scale: 0.4}}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,6 +40,17 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+class _BarsBelow(Progress):
+    """Rich progress bars with one extra renderable (e.g. the debias loop's table) above them."""
+
+    extra: RenderableType | None = None
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        if self.extra is not None:
+            yield self.extra
+        yield self.make_tasks_table(self.tasks)
+
+
 class RichProgress:
     """The library's Progress protocol rendered as Rich bars on stderr (off when quiet / not a TTY)."""
 
@@ -49,7 +62,7 @@ class RichProgress:
 
     def __enter__(self) -> RichProgress:
         if self.enabled:
-            self._bars = Progress(
+            self._bars = _BarsBelow(
                 SpinnerColumn(),
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -65,6 +78,13 @@ class RichProgress:
     def __exit__(self, *exc: object) -> None:
         if self._bars is not None:
             self._bars.stop()
+
+    def show(self, renderable: Any) -> None:
+        """Keep ``renderable`` on screen above the bars, replacing the previous one."""
+        if self._bars is None:
+            return
+        self._bars.extra = renderable
+        self._bars.refresh()
 
     def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
         if self._bars is None:

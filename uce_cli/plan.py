@@ -21,6 +21,7 @@ from uce_cli.recipe import (
     BAD_CHARACTERS,
     ConceptSource,
     DebiasGroup,
+    DebiasLoop,
     EraseGroup,
     ModerateGroup,
     Recipe,
@@ -51,13 +52,24 @@ class EditPair:
     """One edited prompt: its vectors c(source) get targets W_old · Σ_k w_k c(prompt_k).
 
     Erase and moderate have one target (the guide, weight 1); debias has the source itself plus
-    one attribute prompt per attribute weighted by alpha (Eq. 9).
+    one attribute prompt per attribute weighted by alpha: Eq. 9 when ``relative`` is False; when
+    True, per layer T ← W·C, then T ← T + α_j·‖T‖_F·(W·A_j)/‖W·A_j‖_F (the published code).
+    ``desired`` (one ratio per attribute) marks an ``alphas: auto`` item, whose α the debias loop
+    sets (0 in the plan).
     """
 
     section: str
     concept: str
     source: str
     targets: tuple[tuple[str, float], ...]
+    relative: bool = False
+    attributes: tuple[str, ...] = ()
+    desired: tuple[float, ...] = ()
+
+    @property
+    def auto(self) -> bool:
+        """True for an item of Algorithm 1 (``alphas: auto``)."""
+        return bool(self.desired)
 
 
 @dataclass
@@ -84,6 +96,12 @@ class EditPlan:
     # "output.dir", "<section>.<i>.concepts_file". The resolved paths above are absolute or
     # recipe-folder based; these are what an edit log records.
     recipe_paths: dict[str, str] = field(default_factory=dict)
+    loop: DebiasLoop | None = None  # Algorithm 1's settings when some debias group is `auto`
+
+    @property
+    def per_layer(self) -> bool:
+        """True when some target is norm-relative, so the edit is not W_old·K (no operator)."""
+        return any(pair.relative for pair in self.pairs)
 
     def prompts(self) -> list[str]:
         """Every unique prompt to encode (sources, targets, preserve), in first-seen order."""
@@ -235,24 +253,57 @@ def _erase_pairs(
 
 
 def _debias_pairs(
-    section: str, group: DebiasGroup, concepts: list[str], where: str, problems: list[str]
+    section: str, group: DebiasGroup, concepts: list[str], mode: str, problems: list[str]
 ) -> list[EditPair]:
-    if group.alphas == "auto":
-        problems.append(
-            f"{where}.alphas: `auto` (the sample → classify → update loop of Algorithm 1) is not "
-            "available in this version — give one number per attribute, e.g. {male: 0.3, female: 0.2}"
-        )
-        return []
+    """One pair per prompt of each concept; attribute prompts replace the concept in the prompt.
+
+    ``image of doctor`` → ``image of male`` (the published code, both modes: in last-token mode
+    it is the template expansion of the attribute, as guides are expanded, and for the bare
+    concept it is the attribute alone, as the 2025 code encodes it).
+    """
+    where = section
+    attributes = list(group.attributes)
+    relative = (group.alpha_scale or ("relative" if mode == "paper" else "absolute")) == "relative"
+    auto = group.alphas == "auto"
+    desired = tuple(group.desired_ratios()) if auto else ()
+    templates = _templates_with_bare(group.templates)
+    for template in templates:
+        fixed = fill_template(template, " ")
+        clash = next((c for c in concepts if _norm(c) in _norm(fixed)), None)
+        if clash is not None:
+            problems.append(
+                f"{where}.templates: '{template}' already contains '{clash}' outside {{}} — the "
+                "attribute prompts replace the concept, so it must occur once; use another template"
+            )
+            return []
     pairs = []
     for concept in concepts:
-        for template in _templates_with_bare(group.templates):
+        same = [a for a in attributes if _norm(a) == _norm(concept)]
+        if same:
+            problems.append(
+                f"{where}.attributes: '{same[0]}' is the concept itself — an attribute must differ "
+                f"from the concept '{concept}' it debiases"
+            )
+            continue
+        for template in templates:
+            alphas = [0.0] * len(attributes) if auto else [group.alphas[a] for a in attributes]  # type: ignore[index]
             source = fill_template(template, concept)
             targets = [(source, 1.0)]
             targets += [
-                (fill_template(template, f"{a} {concept}"), group.alphas[a])
-                for a in group.attributes
+                (fill_template(template, a), alpha)
+                for a, alpha in zip(attributes, alphas, strict=True)
             ]
-            pairs.append(EditPair(section, concept, source, tuple(targets)))
+            pairs.append(
+                EditPair(
+                    section,
+                    concept,
+                    source,
+                    tuple(targets),
+                    relative,
+                    tuple(attributes),
+                    desired,
+                )
+            )
     return pairs
 
 
@@ -293,7 +344,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
             new = _erase_pairs(where, concepts, [""] * len(concepts), group.templates, mode)
         else:
             assert isinstance(group, DebiasGroup)
-            new = _debias_pairs(where, group, concepts, where, problems)
+            new = _debias_pairs(where, group, concepts, mode, problems)
         for concept in concepts:
             edited.setdefault(_norm(concept), where)
         sections[where] = {"concepts": len(concepts), "prompts": len(new)}
@@ -313,7 +364,9 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
                 f"{previous.section} with another target — edit each concept once"
             )
 
-    preserve: list[str] = [""] if mode == "paper" else []
+    # The published erase script preserves "" (paper mode); its debias script does not.
+    only_debias = not (recipe.erase or recipe.moderate)
+    preserve: list[str] = [""] if mode == "paper" and not only_debias else []
     for i, group in enumerate(recipe.preserve):
         where = f"preserve.{i}"
         concepts = _concepts(group, where, base_dir, problems)
@@ -338,6 +391,9 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
 
     model = resolve_model_spec(recipe.model, base_dir)
     problems += _check_model(recipe.model, model, label)
+    relative = [p.section for p in unique_pairs if p.relative]
+    if relative and "operator" in recipe.output.formats:
+        problems.append(f"output.formats: {operator_refusal(relative[0])}")
     problems = [p if p.startswith(label + ":") else f"{label}: {p}" for p in problems]
     if problems:
         raise RecipeError(problems)
@@ -346,6 +402,8 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
     solver = recipe.solver
     lam = solver.lam if solver.lam is not None else lam
     erase_scale = solver.erase_scale if solver.erase_scale is not None else erase_scale
+    if only_debias and mode == "paper":
+        preserve_scale = 0.1  # the published debias script's s_p
     preserve_scale = solver.preserve_scale if solver.preserve_scale is not None else preserve_scale
     if preserve_scale == "auto":
         n_preserve = len([p for p in preserve if p != ""])
@@ -373,6 +431,16 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         source_file=label,
         sections=sections,
         recipe_paths=_recipe_paths(recipe, model),
+        loop=(recipe.debias_loop or DebiasLoop()) if any(p.auto for p in unique_pairs) else None,
+    )
+
+
+def operator_refusal(section: str) -> str:
+    """Why an edit with norm-relative debias targets has no operator (format or transfer)."""
+    return (
+        f"the operator format needs an edit W_new = W_old·K, but {section} uses norm-relative "
+        "debias targets (alpha_scale: relative), solved per layer — drop `operator` (delta, LoRA "
+        "and the other formats work) or set alpha_scale: absolute"
     )
 
 

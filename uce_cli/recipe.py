@@ -27,6 +27,7 @@ from uce_cli.errors import RecipeError
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
 Projection = Literal["to_k", "to_v"]
+AlphaScale = Literal["relative", "absolute"]
 OutputFormat = Literal["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 
@@ -192,13 +193,24 @@ class ModerateGroup(ConceptSource):
 
 
 class DebiasGroup(ConceptSource):
-    """Concepts whose outputs are spread over attributes, Eq. 9: v* = W_old (c + sum_a alpha_a c_a)."""
+    """Concepts whose outputs are spread over attributes (paper §4.3, Eq. 9 / the published code).
+
+    Each prompt of a concept (``image of doctor``) gets attribute prompts by replacing the concept
+    (``image of male``); the target adds α-weighted attribute outputs, norm-relative
+    (``alpha_scale: relative``, the published code) or as Eq. 9 (``absolute``).
+    """
 
     attributes: dict[NonEmptyStr, Number] | list[NonEmptyStr] = Field(
-        description="attributes (with desired ratios), e.g. {male: 0.5, female: 0.5}"
+        description="attributes (with desired ratios summing to 1), e.g. {male: 0.5, female: 0.5}"
     )
     alphas: dict[NonEmptyStr, Number] | Literal["auto"] = Field(
-        description="alpha per attribute (explicit numbers); `auto` needs the debias loop"
+        description="alpha per attribute (explicit numbers), or `auto` (Algorithm 1: sample, "
+        "classify, update, re-edit; settings in `debias_loop`)"
+    )
+    alpha_scale: AlphaScale | None = Field(
+        default=None,
+        description="relative (α times the target's norm, the published code; default in paper "
+        "mode) | absolute (Eq. 9: v* = W_old (c + Σ α c_a); default in last-token mode)",
     )
 
     @field_validator("attributes")
@@ -217,7 +229,7 @@ class DebiasGroup(ConceptSource):
                     raise ValueError(f"ratio of `{show_name(name)}`: {exc}") from None
             total = math.fsum(value.values())
             if abs(total - 1.0) > RATIO_TOLERANCE:
-                raise ValueError(f"ratios sum to {total:g}, not 1 — {hint}")
+                raise ValueError(f"the desired ratios sum to {total:g}, not 1 — {hint}")
         return value
 
     @field_validator("alphas")
@@ -242,6 +254,56 @@ class DebiasGroup(ConceptSource):
                     f"{shorten(sorted(names))} — give one alpha per attribute"
                 )
         return self
+
+    def desired_ratios(self) -> list[float]:
+        """Desired share per attribute, in attribute order (uniform for a plain list)."""
+        if isinstance(self.attributes, dict):
+            return [float(v) for v in self.attributes.values()]
+        return [1.0 / len(self.attributes)] * len(self.attributes)
+
+
+class DebiasLoop(_Strict):
+    """Settings of Algorithm 1 (``alphas: auto``); defaults are the published loop's."""
+
+    seeds: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4],
+        min_length=1,
+        description="seeds per item, fixed for every iteration (the published loop draws 5 at "
+        "random each iteration)",
+    )
+    images_per_seed: int = Field(
+        default=10, ge=1, le=100_000, description="images drawn from each seed"
+    )
+    steps: int = Field(default=20, ge=1, le=10_000, description="sampling steps")
+    guidance: Number = Field(
+        default=7.5,
+        ge=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="classifier-free guidance scale",
+    )
+    batch_size: int = Field(default=10, ge=1, description="images per pipeline call")
+    classifier: NonEmptyStr = Field(
+        default="openai/clip-vit-base-patch32",
+        description="CLIP model (hub id or local folder) that labels each image zero-shot",
+    )
+    eta: Number = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        allow_inf_nan=False,
+        description="step size: α = eta·(desired − ratio)",
+    )
+    tolerance: Number = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="an item is done when every ratio is this close",
+    )
+    max_iterations: int = Field(
+        default=30, ge=1, le=10_000, description="sample → edit rounds at most"
+    )
 
 
 class PreserveGroup(ConceptSource):
@@ -302,6 +364,9 @@ class Recipe(_Strict):
     moderate: list[ModerateGroup] = Field(default_factory=list)
     debias: list[DebiasGroup] = Field(default_factory=list)
     preserve: list[PreserveGroup] = Field(default_factory=list)
+    debias_loop: DebiasLoop | None = Field(
+        default=None, description="settings of Algorithm 1, for debias groups with `alphas: auto`"
+    )
     solver: Solver = Field(default_factory=Solver)
     layers: Layers = Field(default_factory=Layers)
     output: Output = Field(default_factory=Output)
@@ -319,6 +384,11 @@ class Recipe(_Strict):
         if not (self.erase or self.moderate or self.debias):
             raise ValueError(
                 "no edit section — add at least one of `erase`, `moderate` or `debias`"
+            )
+        if self.debias_loop is not None and not any(g.alphas == "auto" for g in self.debias):
+            raise ValueError(
+                "`debias_loop` is set but no debias group has `alphas: auto` — remove it, or set "
+                "`alphas: auto` on the group whose α the loop should find"
             )
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from uce_cli.outputs import (
     staging_dir,
     write_json,
 )
-from uce_cli.plan import EditPlan
+from uce_cli.plan import EditPlan, operator_refusal
 from uce_cli.progress import NullProgress, Progress
 from uce_cli.solve import Scales, operator_rank, solve_edit
 from uce_cli.stats import collect_statistics
@@ -59,6 +60,8 @@ def run_apply(
     use_cache: bool = True,
     lora_rank: int | None = None,
     allow_pickle: bool = False,
+    classifier: Callable[[list[Any], list[str]], torch.Tensor] | None = None,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
 ) -> ApplyResult:
     """Run a resolved plan end to end and write its outputs atomically.
 
@@ -74,6 +77,9 @@ def run_apply(
         use_cache: reuse (and store) the preserve set's Gram matrix in the uce cache.
         lora_rank: truncate the LoRA formats to this rank (None: exact rank).
         allow_pickle: accept a pickle single-file model (read with ``weights_only=True``).
+        classifier: the debias loop's judge (images, labels → (N, J) probabilities); default:
+            the CLIP model ``debias_loop.classifier``. Used only when a debias group is ``auto``.
+        on_iteration: receives each debias-loop iteration's record as it completes.
 
     Raises:
         UceError: any problem a user can fix (model, solve, output).
@@ -84,6 +90,8 @@ def run_apply(
         raise OutputError("no output folder — pass --out DIR or set output.dir in the recipe")
     out = resolve_destination(out)
     check_destination(out, None, force, inputs=[Path(plan.source_file)])
+    if plan.per_layer and "operator" in plan.formats:
+        raise OutputError(operator_refusal(next(p.section for p in plan.pairs if p.relative)))
     timings: dict[str, float] = {}
     torch.manual_seed(plan.seed)
 
@@ -98,12 +106,27 @@ def run_apply(
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
+    pipe = None
+    if plan.loop is not None:
+        # The judge first: without it (offline, not cached) the loop cannot run at all.
+        from uce_cli.classify import ClipClassifier
+
+        classifier = classifier or ClipClassifier(plan.loop.classifier, run_device)
     # One identity for the text encoder (its weights, not its file layout): the preserve cache
     # key, the operator/LoRA metadata and the edit log all use it. Hashing releases the GIL, so
     # it runs beside the encoder's loading.
     with ThreadPoolExecutor(max_workers=1) as pool:
         encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
-        tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
+        if plan.loop is not None:
+            # The loop samples: one pipeline, loaded once; its text encoder serves the statistics.
+            from uce_cli.pipeline import load_pipeline, resolve_scheduler
+
+            pipe = load_pipeline(
+                model.root, resolve_scheduler(None, model.root), run_device, run_dtype
+            )
+            tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+        else:
+            tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
         encoder_id = encoder_hash.result()
     progress.finish()
     timings["load"] = time.perf_counter() - t0
@@ -127,13 +150,26 @@ def run_apply(
     timings["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    progress.start("solve")
     keys = [t.key for t in model.kv if t.key.split(".")[-2] in plan.projections]
     old = model.read_kv(keys)
     scales = Scales(plan.lam, plan.erase_scale, plan.preserve_scale)
-    new, k, metrics = solve_edit(old, stats, scales, kv_files(model))
-    progress.finish()
-    timings["solve"] = time.perf_counter() - t0
+    loop_record = None
+    if plan.loop is not None:
+        from uce_cli.debias import run_debias_loop
+        from uce_cli.pipeline import image_size
+
+        assert pipe is not None and classifier is not None
+        height, width = image_size(model.root, None, None)
+        loop = run_debias_loop(
+            plan, pipe, old, stats, scales, classifier, height, width, progress, on_iteration
+        )
+        new, k, metrics, loop_record = loop.weights, loop.k, loop.metrics, loop.record
+        timings["debias_loop"] = time.perf_counter() - t0
+    else:
+        progress.start("solve")
+        new, k, metrics = solve_edit(old, stats, scales, kv_files(model))
+        progress.finish()
+        timings["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     progress.start("save")
@@ -152,6 +188,7 @@ def run_apply(
                 **edit_metadata(plan),
                 "text_encoder_weights_sha256": encoder_id,
                 "base_kv_weights_sha256": kv_hash,
+                "edit_form": "operator" if k is not None else "per-layer",
             },
             k=k,
             projections=plan.projections,
@@ -206,10 +243,15 @@ def run_apply(
                 "erase_scale": scales.erase_scale,
                 "preserve_scale": scales.preserve_scale,
                 "width": stats.width,
-                "operator_rank": operator_rank(k),
+                "operator_rank": operator_rank(k) if k is not None else None,
+                "form": "W_new = W_old·K (one operator)"
+                if k is not None
+                else "per layer (norm-relative debias targets; no operator)",
                 "precision": (
                     "float64 Gram matrices, Cholesky solve and operator K; W_old·K applied in "
                     "float32 (float64 for float64 weights), cast back once"
+                    if k is not None
+                    else "float64 Gram matrices, targets and Cholesky solve; cast back once"
                 ),
             },
             layers={
@@ -220,6 +262,7 @@ def run_apply(
                 }
                 for key, m in metrics.items()
             },
+            **({"debias": loop_record} if loop_record is not None else {}),
             timings={k_: round(v, 4) for k_, v in timings.items()},
             outputs=outputs,
         )
@@ -248,7 +291,15 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
     for pair in plan.pairs:
         shown = report["first_pairs"].setdefault(pair.section, [])
         if len(shown) < first:
-            shown.append({"source": pair.source, "targets": [list(t) for t in pair.targets]})
+            item: dict[str, Any] = {
+                "source": pair.source,
+                "targets": [list(t) for t in pair.targets],
+            }
+            if pair.attributes:
+                item["alpha"] = ("auto, " if pair.auto else "") + (
+                    "relative" if pair.relative else "absolute"
+                )
+            shown.append(item)
     tokenizer = _local_tokenizer(plan.model)
     if tokenizer is None:
         report["vectors"] = (

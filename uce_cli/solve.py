@@ -10,6 +10,11 @@ When every target is linear in W_old (v*_i = W_old c*_i: erase, moderate, debias
 preserve), ``W = W_old · K`` with ``K = I + s_e (G_ts − G_s) M⁻¹`` shared by every layer that reads
 the same embeddings: one factorization, then one GEMM per layer.
 
+Norm-relative debias targets (the published code, ``alpha_scale: relative``) are not linear in
+W_old: per layer and prompt, T ← W·C, then for each attribute T ← T + α_j·‖T‖_F·(W·A_j)/‖W·A_j‖_F.
+Their Σ T Cᵀ is built per layer (``debias_numerator``) and the general form is solved with the
+same shared factor of M (``solve_layer``); such an edit has no operator K.
+
 Invariant: M is built and factorized in float64 (measured cond(M) ≈ 5·10⁸; fp32 gives O(1)
 error), never inverted explicitly, and K is kept in float64. Applying K is one GEMM per layer,
 ``W_new = W_old + W_old·(K − I)``, run in float32 for weights stored in 32 bits or less (float64
@@ -27,12 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from uce_cli.errors import ModelError, SolveError
-from uce_cli.stats import EditStats
+from uce_cli.stats import DebiasBlock, EditStats
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,105 @@ def solve_layer(
     return torch.cholesky_solve(numer.T.contiguous(), chol).T.to(w_old.device, w_old.dtype)
 
 
+def stack_blocks(blocks: list[DebiasBlock]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All blocks' vectors stacked once for every layer: X = [C; A_1; …; A_J] per block, and C.
+
+    Returns:
+        ((Σ (1+J)K, d) rows of every block, (Σ K, d) rows of the prompts), float64.
+    """
+    xs = [torch.cat([b.C, b.A.reshape(-1, b.C.shape[1])]) for b in blocks]
+    return torch.cat(xs).to(torch.float64), torch.cat([b.C for b in blocks]).to(torch.float64)
+
+
+def debias_numerator(
+    w_old: torch.Tensor,
+    blocks: list[DebiasBlock],
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Σ_i T_i C_iᵀ of one layer's debias targets, and Σ_i ‖T_i‖²_F (for the residual figure).
+
+    For each block, in the order of its attributes (the published code updates T in place, so
+    ‖T‖ is taken after the previous attribute's addition)::
+
+        T ← W·C;  T ← T + α_j·‖T‖_F·(W·A_j)/‖W·A_j‖_F   (relative)
+        T ← W·C + Σ_j α_j·W·A_j                           (absolute, Eq. 9)
+
+    with Frobenius norms over the block's aligned positions. Rows here are vectors: T is (K, d_out).
+    Two GEMMs per layer serve every block (W·X for all blocks, then Tᵀ·C).
+
+    Args:
+        w_old: (d_out, d_in) weight of the layer.
+        blocks: the debias blocks.
+        stacked: ``stack_blocks(blocks)``, to build once for all layers.
+
+    Returns:
+        ((d_out, d_in) float64 numerator term, float target energy).
+    """
+    w = w_old.to(torch.float64)
+    if not blocks:
+        return torch.zeros_like(w), 0.0
+    x_all, c_all = stack_blocks(blocks) if stacked is None else stacked
+    y = x_all.to(w.device) @ w.T  # (Σ (1+J)K, d_out): W·x for every row
+    targets = []
+    offset = 0
+    for block in blocks:
+        k = block.C.shape[0]
+        t = y[offset : offset + k].clone()
+        for j, alpha in enumerate(block.alphas):
+            u = y[offset + (j + 1) * k : offset + (j + 2) * k]
+            t += alpha * t.norm() * u / u.norm() if block.relative else alpha * u
+        targets.append(t)
+        offset += (len(block.alphas) + 1) * k
+    t_all = torch.cat(targets)  # (Σ K, d_out)
+    return t_all.T @ c_all.to(w.device), float(t_all.square().sum())
+
+
+def fold_linear_blocks(stats: EditStats) -> EditStats:
+    """Statistics with the absolute (Eq. 9) debias blocks folded into G_ts/G_t (they are linear in
+    W_old); the relative blocks stay blocks. Returns a new object; ``stats`` is unchanged."""
+    linear = [b for b in stats.debias if not b.relative]
+    if not linear:
+        return stats
+    g_ts, g_t = stats.G_ts.clone(), stats.G_t.clone()
+    for block in linear:
+        c = block.C.to(g_ts.device)
+        c_star = c + sum(a * block.A[j].to(c.device) for j, a in enumerate(block.alphas))  # (K, d)
+        g_ts += c_star.T @ c
+        g_t += c_star.T @ c_star
+    return replace(stats, G_ts=g_ts, G_t=g_t, debias=[b for b in stats.debias if b.relative])
+
+
+def per_layer_metrics(
+    w_old: torch.Tensor,
+    w_new: torch.Tensor,
+    v_star_c: torch.Tensor,
+    energy: float,
+    stats: EditStats,
+) -> dict[str, float]:
+    """The figures of ``layer_metrics`` for a per-layer solve, from its numerator terms.
+
+    ``Σ‖W c_i − v*_i‖² = tr(W G_s Wᵀ) − 2⟨W, Σ v*_i c_iᵀ⟩ + Σ‖v*_i‖²``, with v_star_c = Σ v*_i c_iᵀ
+    and energy = Σ‖v*_i‖².
+    """
+    dev = stats.G_s.device
+    w0, w1 = w_old.to(dev, torch.float64), w_new.to(dev, torch.float64)
+    v = v_star_c.to(dev, torch.float64)
+
+    def residual(w: torch.Tensor) -> float:
+        value = _trace_form(w, stats.G_s) - 2 * float((w * v).sum()) + energy
+        return (max(value, 0.0) / energy) ** 0.5 if energy > 0 else 0.0
+
+    preserve = _trace_form(w0, stats.G_p)
+    return {
+        "rel_delta": float((w1 - w0).norm() / w0.norm().clamp_min(1e-300)),
+        "residual_before": residual(w0),
+        "residual_after": residual(w1),
+        "preserve_drift": (_trace_form(w1 - w0, stats.G_p) / preserve) ** 0.5
+        if preserve > 0
+        else 0.0,
+    }
+
+
 def _trace_form(w: torch.Tensor, g: torch.Tensor) -> float:
     """tr(W G Wᵀ) = ‖W C‖²_F when G = C Cᵀ."""
     return float(((w @ g) * w).sum().clamp_min(0))
@@ -383,17 +487,18 @@ def solve_edit(
     stats: EditStats,
     scales: Scales,
     origin: dict[str, str] | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, dict[str, float]]]:
-    """Edit every given projection with one shared operator.
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, dict[str, float]]]:
+    """Edit every given projection: one shared operator, or per layer with norm-relative debias.
 
     Args:
         weights: name → W_old (d_out, d_in), all reading embeddings of width ``stats.width``.
-        stats: the edit's Gram statistics.
+        stats: the edit's Gram statistics (and debias blocks).
         scales: λ, s_e, s_p.
         origin: name → the file each W_old was read from (named when a base weight is not finite).
 
     Returns:
-        New weights (same names, dtypes and devices), the operator K, and per-layer metrics.
+        New weights (same names, dtypes and devices), the operator K (None when a norm-relative
+        debias target makes the edit per-layer), and per-layer metrics.
 
     Raises:
         ModelError: a base weight holds NaN/inf.
@@ -406,13 +511,27 @@ def solve_edit(
                 f"{name}: input width {w_old.shape[1]} != embedding width {stats.width}"
             )
     check_base_weights(weights, origin)
-    k = solve_operator(stats, scales)
-    forms = metric_forms(k, stats)
-    stacked = forms.stacked()
-    eye = torch.eye(stats.width, dtype=torch.float64, device=k.device)
-    k_minus_i: dict[torch.dtype, torch.Tensor] = {}  # per compute dtype, cast once
+    stats = fold_linear_blocks(stats)
     new: dict[str, torch.Tensor] = {}
     metrics: dict[str, dict[str, float]] = {}
+    if stats.debias:
+        # One factor of M serves every layer; only the numerator is per layer.
+        chol = factorize(stats, scales)
+        stacked_blocks = stack_blocks(stats.debias)
+        stacked_blocks = (stacked_blocks[0].to(chol.device), stacked_blocks[1].to(chol.device))
+        for name, w_old in weights.items():
+            w0 = w_old.to(chol.device, torch.float64)
+            numer, energy = debias_numerator(w0, stats.debias, stacked_blocks)
+            v_star_c = w0 @ stats.G_ts + numer
+            energy += _trace_form(w0, stats.G_t)
+            new[name] = solve_layer(w_old, v_star_c, stats, scales, chol)
+            check_result(name, new[name], scales)
+            metrics[name] = per_layer_metrics(w_old, new[name], v_star_c, energy, stats)
+        return new, None, metrics
+    k = solve_operator(stats, scales)
+    stacked = metric_forms(k, stats).stacked()
+    eye = torch.eye(stats.width, dtype=torch.float64, device=k.device)
+    k_minus_i: dict[torch.dtype, torch.Tensor] = {}  # per compute dtype, cast once
     for name, w_old in weights.items():
         dtype = compute_dtype(w_old.dtype)
         if dtype not in k_minus_i:

@@ -5,6 +5,10 @@ Everything the closed form and its diagnostics need is a ``d × d`` matrix (DESI
 embedding, so v* = W_old c*) and ``G_p = Σ c_p c_pᵀ`` over preserve vectors. They are accumulated
 in float64 chunk by chunk while prompts are encoded once, so memory does not grow with the number
 of preserve prompts.
+
+Debias prompts whose target is not one fixed linear map of W_old (norm-relative α, or α the debias
+loop changes) are kept as ``DebiasBlock``s instead: their ``c cᵀ`` go into ``G_s`` (M does not
+depend on α), their targets are built per layer by ``solve.debias_numerator``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,24 @@ from uce_cli.encode import (
     token_counts,
 )
 from uce_cli.errors import SolveError
-from uce_cli.plan import EditPlan
+from uce_cli.plan import EditPair, EditPlan
 from uce_cli.progress import NullProgress, Progress
 
 CHUNK_ROWS = 8192  # vectors per float64 Gram update
+
+
+@dataclass
+class DebiasBlock:
+    """One debias prompt's aligned vectors, float64: C (K, d) of the prompt, A (J, K, d) of its
+    attribute prompts, and α per attribute; ``preserve_rows`` are the rows the prompt adds when
+    it joins the preserve list (all L positions in paper mode, the last word token otherwise)."""
+
+    source: str
+    C: torch.Tensor  # (K, d)
+    A: torch.Tensor  # (J, K, d)
+    alphas: tuple[float, ...]
+    relative: bool
+    preserve_rows: torch.Tensor  # (L or 1, d)
 
 
 @dataclass
@@ -42,6 +60,7 @@ class EditStats:
     n_edit_vectors: int = 0
     n_preserve_vectors: int = 0
     spans: list[dict] = field(default_factory=list)
+    debias: list[DebiasBlock] = field(default_factory=list)
 
     @classmethod
     def zeros(cls, width: int, device: torch.device) -> EditStats:
@@ -107,6 +126,28 @@ def _check_hidden(batch: list[str], hidden: torch.Tensor) -> None:
         f"the text encoder returned non-finite hidden states (NaN/inf) for the prompt {shown!r} — "
         "its weights hold NaN/inf (check the model's text_encoder files) or it overflows in "
         f"{str(hidden.dtype).removeprefix('torch.')} (try --dtype fp32)"
+    )
+
+
+def _debias_block(
+    pair: EditPair,
+    spans: list[Span],
+    kept: dict[str, torch.Tensor],
+    counts: dict[str, int],
+    alignment: str,
+) -> DebiasBlock:
+    """The block of a debias pair: spans[0] is the prompt itself, spans[1:] its attribute prompts."""
+    rows = [kept[t.prompt][t.start : t.start + t.length].to("cpu", torch.float64) for t in spans]
+    hidden = kept[pair.source].to("cpu", torch.float64)
+    if alignment != "paper":
+        hidden = hidden[last_word_index(counts[pair.source])].unsqueeze(0)
+    return DebiasBlock(
+        source=pair.source,
+        C=rows[0],
+        A=torch.stack(rows[1:]),
+        alphas=tuple(w for _, w in pair.targets[1:]),
+        relative=pair.relative,
+        preserve_rows=hidden,
     )
 
 
@@ -213,11 +254,15 @@ def collect_statistics(
 
     for pair, (src, tgts) in zip(plan.pairs, spans, strict=True):
         c_s = kept[src.prompt][src.start : src.start + src.length]
-        c_t = sum(
-            weight * kept[t.prompt][t.start : t.start + t.length].double()
-            for (_, weight), t in zip(pair.targets, tgts, strict=True)
-        )
-        acc.add_pair(c_s, c_t)
+        if pair.relative or pair.auto:
+            acc.add_pair(c_s, torch.zeros_like(c_s))  # c cᵀ into G_s; targets built per layer
+            stats.debias.append(_debias_block(pair, tgts, kept, counts, plan.alignment))
+        else:
+            c_t = sum(
+                weight * kept[t.prompt][t.start : t.start + t.length].double()
+                for (_, weight), t in zip(pair.targets, tgts, strict=True)
+            )
+            acc.add_pair(c_s, c_t)
         stats.spans.append(
             {
                 "source": src.prompt,

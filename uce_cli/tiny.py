@@ -21,14 +21,18 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 __all__ = [
+    "TINY_CLIP_NAME",
     "TINY_MODEL_NAME",
     "build_tiny_pipeline",
     "build_tiny_tokenizer",
+    "ensure_tiny_clip",
     "ensure_tiny_model",
+    "write_tiny_clip",
     "write_tiny_model",
 ]
 
 TINY_MODEL_NAME = "builtin:tiny-sd"
+TINY_CLIP_NAME = "builtin:tiny-clip"  # a random CLIPModel: the debias loop's judge, offline
 
 # Bump the suffix whenever the builder changes, so a cached folder from an older builder is
 # never mistaken for the current one.
@@ -482,4 +486,61 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     if not marker.is_file():
         raise RuntimeError(f"{dest} exists but is not a complete tiny model; delete it and retry")
+    return dest
+
+
+def write_tiny_clip(dest: Path, seed: int = 0) -> Path:
+    """Write a tiny random ``CLIPModel`` folder (model, the tiny CLIP tokenizer, a PIL image
+    processor): the layout of ``openai/clip-vit-base-patch32``, loaded through ``from_pretrained``.
+
+    Its judgements are arbitrary (random weights); it lets the debias loop run offline.
+    """
+    import transformers
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = build_tiny_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": _MAX_LENGTH,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4,
+        },
+        projection_dim=16,
+    )  # fmt: skip
+    # The PIL image processor: transformers >= 5's default one needs torchvision.
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None)
+    processor_cls = processor_cls or transformers.CLIPImageProcessor
+    dest = Path(dest)
+    parent = dest.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+    try:
+        tmp.chmod(0o755)
+        with _seeded(seed):
+            CLIPModel(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        processor_cls(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ).save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def ensure_tiny_clip(cache_dir: Path) -> Path:
+    """Return the cached tiny CLIP folder, building it once if absent (race-safe like the model)."""
+    dest = Path(cache_dir) / "models" / "tiny-clip-v1"
+    if (dest / "config.json").is_file():
+        return dest
+    try:
+        write_tiny_clip(dest)
+    except OSError:
+        pass  # another process won the race
     return dest

@@ -109,8 +109,8 @@ def handle_errors(func: F) -> F:
             # stdout closed early (e.g. piped into `head`): not an error of the command.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0) from None
-        except KeyboardInterrupt:
-            print_error("interrupted")
+        except KeyboardInterrupt as exc:  # a long run may say how far it got
+            print_error(str(exc) or "interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:  # a bug, not bad input: still one line, details on request
             if debug:

@@ -36,7 +36,8 @@ def _render_dry_run(report: dict) -> None:
                 if "vectors" in item
                 else ""
             )
-            lines.append(f"'{item['source']}' → {target}{vec}")
+            alpha = f"  (α {item['alpha']})" if "alpha" in item else ""
+            lines.append(f"'{item['source']}' → {target}{vec}{alpha}")
         counts = report["sections"][section]
         table.add_row(
             f"{section}\n{plural(counts['concepts'], 'concept')}, "
@@ -123,6 +124,13 @@ def apply(
 
     silence_third_party()
     with RichProgress(enabled=not quiet) as progress:
+
+        def on_iteration(record: dict) -> None:
+            """The debias loop's live table: items, current ratios and α."""
+            from uce_cli.cli.show import iteration_table
+
+            progress.show(iteration_table(record))
+
         result = run_apply(
             plan,
             out_dir,
@@ -134,6 +142,7 @@ def apply(
             use_cache=not no_cache,
             lora_rank=lora_rank,
             allow_pickle=allow_pickle,
+            on_iteration=on_iteration,
         )
     log = result.log
     layers = log["layers"].values()
@@ -149,11 +158,21 @@ def apply(
     if json_out:
         print_json(summary)
         return
+    if "debias" in log:
+        summary["debias"] = {
+            k: log["debias"][k] for k in ("stopped", "iterations_run", "edits", "preserve_added")
+        }
     if not quiet:
         err.print(
             f"[green]edited {summary['layers']} layers[/green] in {sum(log['timings'].values()):.1f} s"
         )
     print(result.out)
+    if "debias" in summary:
+        loop = summary["debias"]
+        out.print(
+            f"debias loop: {loop['stopped']} after {loop['iterations_run']} iterations, "
+            f"{loop['edits']} edits; `uce show {result.out}` lists them"
+        )
     out.print(
         f"edit residual (worst layer) {summary['residual_before']:.4f} → {summary['residual_after']:.4f}; "
         f"preserve drift ≤ {summary['preserve_drift']:.2e}; "

@@ -249,6 +249,12 @@ def run_transfer(
     if operator_path.is_dir() and (operator_path / OPERATOR_FILE).is_file():
         operator_path = operator_path / OPERATOR_FILE  # an output folder of `uce apply`
     edit = load_edit(operator_path, allow_pickle)
+    if edit.kind != "operator" and edit.metadata.get("edit_form") == "per-layer":
+        raise EditFileError(
+            f"{operator_path} has norm-relative debias targets (alpha_scale: relative), solved per "
+            "layer: it is not W_new = W_old·K and cannot be transferred — run the recipe on the "
+            "other model instead (or use alpha_scale: absolute)"
+        )
     if edit.kind != "operator":
         raise EditFileError(
             f"{operator_path} is a {edit.kind}, not an operator — write one with `uce apply --format operator`"
