@@ -267,7 +267,7 @@ def test_nonfinite_alphas_refused(tmp_path: Path, body: str, needle: str) -> Non
     [
         ("{male: .nan, female: 0.5}", "ratio of `male`: must be a finite number, not nan"),
         ("{male: 1.5, female: -0.5}", "ratio of `male`: 1.5 is outside 0…1"),
-        ("{male: 0.5, female: 0.4}", "debias.0.attributes: ratios sum to 0.9, not 1"),
+        ("{male: 0.5, female: 0.4}", "debias.0.attributes: the desired ratios sum to 0.9, not 1"),
         ("{male: .inf, female: 0.5}", "must be a finite number, not inf"),
     ],
 )
