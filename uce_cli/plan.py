@@ -23,7 +23,7 @@ from uce_cli.recipe import (
     load_recipe,
     recipe_sha256,
 )
-from uce_cli.upstream import UPSTREAM_PREFIX, upstream_file
+from uce_cli.upstream import UPSTREAM_PREFIX, upstream_source
 
 # Prompt templates of the published runs; the named sets also keep the bare concept.
 TEMPLATE_SETS: dict[str, list[str]] = {
@@ -116,8 +116,10 @@ def expand(concept: str, templates: str | list[str]) -> list[str]:
 def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
     """Concepts listed in a txt (one per line) or csv (``column``) file, duplicates removed."""
     name = group.concepts_file or ""
+    column = group.column
     if name.startswith(UPSTREAM_PREFIX):
-        path = upstream_file(name[len(UPSTREAM_PREFIX) :])
+        # a shipped list (no column) when uce ships the one asked for, else the fetched file
+        path, column = upstream_source(name[len(UPSTREAM_PREFIX) :], column)
     else:
         path = (base_dir / name).expanduser()
     if not path.is_file():
@@ -129,15 +131,15 @@ def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         columns = [c for c in (reader.fieldnames or []) if c]
-        if group.column is None:
+        if column is None:
             raise DataError(f"{path} is a csv: set `column` to one of: {', '.join(columns)}")
-        if group.column not in columns:
+        if column not in columns:
             raise DataError(
-                f"{path} has no column '{group.column}' — columns: {', '.join(columns)}"
+                f"{path} has no column '{column}' — columns: {', '.join(columns)}"
             )
-        values = [(row.get(group.column) or "").strip() for row in reader]
+        values = [(row.get(column) or "").strip() for row in reader]
     else:
-        if group.column is not None:
+        if column is not None:
             raise DataError(f"{path} is not a csv, so `column` does not apply — remove it")
         values = [line.strip() for line in text.splitlines()]
     concepts = list(dict.fromkeys(v for v in values if v))

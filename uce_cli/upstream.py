@@ -1,8 +1,11 @@
-"""The upstream UCE data files (prompt sets and concept lists), fetched pinned and checksummed.
+"""The upstream UCE data files: small concept lists shipped with uce, prompt sets fetched pinned.
 
-A recipe names one as ``upstream:artists1734_prompts.csv``. Files are read from a local mirror
-folder when ``UCE_DATA_MIRROR`` points at one, otherwise downloaded once from the upstream
-repository at a pinned commit into the uce cache, and always checked against the sha256 below.
+A recipe names one as ``upstream:NAME``. The concept lists recipes use (artists, professions,
+ImageNette classes, I2P categories, the erase lists of the published runs) ship in
+``uce_cli/data/`` as plain text and never need the network. Any other upstream file is read from
+a local mirror folder when ``UCE_DATA_MIRROR`` points at one, otherwise downloaded once from the
+upstream repository at a pinned commit into the uce cache, and always checked against the sha256
+below.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 from uce_cli.errors import DataError
 from uce_cli.paths import cache_dir
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 UPSTREAM_REPO = "rohitgandikota/unified-concept-editing"
 UPSTREAM_COMMIT = "28c81ed5a3e41277c1a0dc55f738e7ab188e9718"
@@ -91,6 +96,20 @@ UPSTREAM_SHA256: dict[str, str] = {
     "vangogh_prompts.csv": "c299f14b2945ed88b88966cc3460a9d9aeb3b0dd51c585ed454c6d6601d24f87",
 }
 
+# The concept lists shipped in DATA_DIR (data/SOURCE.md says how each was derived): name → the
+# upstream file and column whose values it holds exactly, so reading that file by that column
+# reads the shipped list instead. The I2P categories are split out of a column, so they are only
+# reachable by their own name.
+SHIPPED_FROM: dict[str, tuple[str, str | None]] = {
+    "artists1734.txt": ("artists1734_prompts.csv", "artist"),
+    "holdout100-artists.txt": ("holdout100_prompts.csv", "artist"),
+    "professions.txt": ("profession_prompts.csv", "profession"),
+    "imagenette-classes.txt": ("imagenette.csv", "class"),
+    # The published runs' erase lists are JSON upstream, one concept per line here.
+    **{name: (name, None) for name in UPSTREAM_SHA256 if name.startswith("info/")},
+}
+SHIPPED_ONLY = ("i2p-categories.txt",)
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -98,6 +117,34 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def upstream_source(name: str, column: str | None) -> tuple[Path, str | None]:
+    """Where to read ``upstream:NAME`` and by which column: a shipped list, else the data file.
+
+    Args:
+        name: a shipped list (``artists1734.txt``, ``info/…``) or an upstream data file.
+        column: the csv column the recipe reads, or None.
+
+    Returns:
+        A local path and the column to read from it: reading an upstream file by the column a
+        shipped list holds gives that list and no column.
+
+    Raises:
+        DataError: unknown name, checksum mismatch, or the file cannot be fetched.
+    """
+    if name in SHIPPED_FROM or name in SHIPPED_ONLY:
+        return DATA_DIR / name, column
+    for shipped, source in SHIPPED_FROM.items():
+        if source == (name, column):
+            return DATA_DIR / shipped, None
+    return upstream_file(name), column
+
+
+def _fetch(url: str) -> bytes:
+    """The body at ``url`` (the one network access of this module, replaced in tests)."""
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read()
 
 
 def upstream_file(name: str) -> Path:
@@ -111,8 +158,11 @@ def upstream_file(name: str) -> Path:
     """
     expected = UPSTREAM_SHA256.get(name)
     if expected is None:
-        known = ", ".join(sorted(n for n in UPSTREAM_SHA256 if "/" not in n))
-        raise DataError(f"unknown upstream data file '{name}' — known files: {known}")
+        known = sorted(n for n in [*UPSTREAM_SHA256, *SHIPPED_FROM, *SHIPPED_ONLY] if "/" not in n)
+        raise DataError(
+            f"unknown upstream data file '{name}' — known files: {', '.join(known)} "
+            "(and the published erase lists info/…)"
+        )
     mirror = os.environ.get(MIRROR_ENV)
     if mirror:
         path = Path(mirror).expanduser() / name
@@ -128,8 +178,7 @@ def upstream_file(name: str) -> Path:
         return cached
     url = f"https://raw.githubusercontent.com/{UPSTREAM_REPO}/{UPSTREAM_COMMIT}/data/{name}"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            payload = response.read()
+        payload = _fetch(url)
     except (urllib.error.URLError, OSError) as exc:
         raise DataError(
             f"cannot download upstream data file '{name}' ({exc}) — "
