@@ -342,3 +342,12 @@ def resolve_model_spec(model: str, base_dir: Path) -> str:
 def plan_recipe(path: Path, output_dir: Path | None = None) -> EditPlan:
     """Load, validate and resolve a recipe file in one step."""
     return resolve_plan(load_recipe(path), path, output_dir)
+
+
+def override_model(plan: EditPlan, model: str) -> None:
+    """Point a plan at another base model (``uce apply --model``); relative paths are from the
+    current folder, and the recipe's revision no longer applies."""
+    if not model.strip():
+        raise RecipeError(["--model: empty model — give a hub id, a folder or builtin:tiny-sd"])
+    plan.model = resolve_model_spec(model, Path.cwd())
+    plan.revision = None

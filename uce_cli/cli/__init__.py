@@ -8,6 +8,7 @@ import typer
 
 from uce_cli import __version__
 from uce_cli.cli.apply import apply
+from uce_cli.cli.eval import eval_
 from uce_cli.cli.merge import merge
 from uce_cli.cli.sample import sample
 from uce_cli.cli.show import show
@@ -40,6 +41,7 @@ app.command()(merge)
 app.command()(transfer)
 app.command()(verify)
 app.command()(sample)
+app.command("eval")(eval_)
 
 
 def _version(value: bool) -> None:

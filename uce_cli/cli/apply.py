@@ -11,7 +11,7 @@ from rich.table import Table
 from uce_cli.cli._common import DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, handle_errors, print_json
 from uce_cli.cli.merge import AllowPickleOpt, FormatOpt, LoraRankOpt, chosen_formats
 from uce_cli.console import RichProgress, err, out, silence_third_party
-from uce_cli.plan import plan_recipe
+from uce_cli.plan import override_model, plan_recipe
 
 
 def _render_dry_run(report: dict) -> None:
@@ -67,6 +67,13 @@ def apply(
         bool,
         typer.Option("--dry-run", help="Print the resolved plan; load no weights, write nothing."),
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Edit this model instead of the recipe's (hub id, folder, builtin:tiny-sd).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[
@@ -84,8 +91,11 @@ def apply(
     """Apply a recipe: encode its prompts once, solve every layer in closed form, write the outputs.
 
     Example: uce apply recipes/quickstart.yaml --out runs/quickstart
+    (--model builtin:tiny-sd runs any recipe on the tiny offline model.)
     """
     plan = plan_recipe(recipe, out_dir)
+    if model is not None:
+        override_model(plan, model)
     # --format replaces output.formats
     plan.formats = chosen_formats(formats, plan.formats, lora_rank)
     if dry_run:
