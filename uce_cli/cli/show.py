@@ -83,3 +83,12 @@ def show(
         return
     out.print(summary_table(log))
     out.print(layer_table(log["layers"]))
+    if path.is_dir():
+        from uce_cli.cli.eval import expect_table, figures_table
+        from uce_cli.evaluate import read_report
+
+        report = read_report(path)
+        if report is not None:
+            out.print(figures_table(report))
+            if report.get("expect"):
+                out.print(expect_table(report["expect"]))
