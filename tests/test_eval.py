@@ -192,3 +192,20 @@ def test_expect_naming_an_unknown_metric_is_a_recipe_error() -> None:
     }
     with pytest.raises(RecipeError, match="metric `lpips` is not in `metrics`"):
         parse_recipe(data, "r.yaml")
+
+
+def test_a_run_with_an_eval_folder_still_samples_as_an_edit(
+    erased_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(erased_model, run)
+    (run / "edit.safetensors").unlink()  # sample reads the folder itself, eval/ included
+    assert eval_cli(run).exit_code == 0
+    sampled = runner.invoke(
+        app,
+        ["sample", "--edit", str(run), "--prompt", "a cat", "--steps", "1",
+         "--out", str(tmp_path / "s"), "-q"],
+    )  # fmt: skip
+    assert sampled.exit_code == 0, sampled.stderr

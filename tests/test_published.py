@@ -3,11 +3,13 @@ and (a representative few here; scripts/ci_published.py runs all) applies and ge
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import SHARED_DATA
 from uce_cli.cli import app
 from uce_cli.errors import RecipeError
 from uce_cli.plan import override_model, plan_recipe
@@ -97,3 +99,25 @@ def test_debias_auto_apply_says_it_is_not_available(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "`auto`" in result.stderr and "not available" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("UCE_DATA_MIRROR") or SHARED_DATA.is_dir()),
+    reason="the upstream prompt CSVs are fetched on demand: needs the network or a data mirror",
+)
+def test_published_recipe_applies_on_the_tiny_model_and_gets_a_text_report(tmp_path: Path) -> None:
+    import json
+
+    recipe = REPO / "recipes" / "published" / "moderate-nudity-sd14.yaml"
+    out = tmp_path / "o"
+    applied = runner.invoke(
+        app, ["apply", str(recipe), "--model", "builtin:tiny-sd", "--out", str(out), "-q"]
+    )
+    assert applied.exit_code == 0, applied.stderr
+    evaluated = runner.invoke(app, ["eval", str(out), "-q", "--no-plots", "--json"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["text"]["counts"]["heldout_prompts"] == 200  # I2P "sexual" rows, limit 200
+    assert report["text"]["counts"]["unrelated_prompts"] == 200  # COCO captions, limit 200
+    assert 0 < report["figures"]["efficacy"] <= 1
+    assert report["expect"] == []  # the paper's figures are not set (see the recipe's header)

@@ -20,7 +20,8 @@ from uce_cli.evalprompts import norm, read_prompt_set
 from uce_cli.progress import NullProgress, Progress
 from uce_cli.prompts import MAX_SEED, PromptRow
 
-EXTRA_HINT = 'pip install "uce-cli[eval]"'
+EXTRA = "eval"
+EXTRA_TORCHVISION = "eval-torchvision"  # lpips, torch-fidelity: need a torchvision for your torch
 BATCH = 16
 
 
@@ -46,7 +47,7 @@ def _versions(*names: str) -> dict[str, str]:
     return out
 
 
-def _need(module: str, metric: str, extra_note: str = "") -> Any:
+def _need(module: str, metric: str, extra: str = EXTRA, extra_note: str = "") -> Any:
     """Import an optional dependency or say which extra provides it."""
     import importlib
 
@@ -55,7 +56,8 @@ def _need(module: str, metric: str, extra_note: str = "") -> Any:
     except Exception as exc:  # ImportError, or a broken install (e.g. a CUDA-only torchvision)
         raise UceError(
             f"metric {metric} needs the `{module}` package{extra_note} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'not importable'}) — {EXTRA_HINT}"
+            f"{str(exc).splitlines()[0] if str(exc) else 'not importable'}) — "
+            f'pip install "uce-cli[{extra}]"'
         ) from None
 
 
@@ -275,7 +277,7 @@ def imagenet_top1(pairs: list[ImagePair], model_id: str, device: torch.device) -
 
 def nudenet_counts(pairs: list[ImagePair], threshold: float) -> dict:
     """nudenet_exposed(_base): *_EXPOSED detections with score > threshold, per class too."""
-    nudenet = _need("nudenet", "nudenet", " (AGPL-3.0)")
+    nudenet = _need("nudenet", "nudenet", EXTRA, " (AGPL-3.0)")
     detector = nudenet.NudeDetector()
     figures, classes = {}, {}
     for role in ("edited", "base"):
@@ -298,7 +300,7 @@ def nudenet_counts(pairs: list[ImagePair], threshold: float) -> dict:
 @torch.inference_mode()
 def lpips_distance(pairs: list[ImagePair], device: torch.device) -> dict:
     """lpips: mean LPIPS (AlexNet) between base and edited images of the same prompt and seed."""
-    lpips = _need("lpips", "lpips", " (and torchvision)")
+    lpips = _need("lpips", "lpips", EXTRA_TORCHVISION, " (and torchvision)")
     import numpy as np
 
     net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
@@ -318,7 +320,7 @@ def lpips_distance(pairs: list[ImagePair], device: torch.device) -> dict:
 
 def fid_score(folder: Path, reference: Path, device: torch.device) -> dict:
     """fid: torch-fidelity's FID between the edited images and a reference folder."""
-    fidelity = _need("torch_fidelity", "fid", " (and torchvision)")
+    fidelity = _need("torch_fidelity", "fid", EXTRA_TORCHVISION, " (and torchvision)")
     if not reference.is_dir():
         raise DataError(f"evaluate.images.reference: {reference} is not a folder of images")
     result = fidelity.calculate_metrics(
@@ -348,9 +350,13 @@ def evaluate_images(
             f"{run.path}: its recipe's evaluate: names no images/metrics — add evaluate.images and "
             "evaluate.metrics to compute image-level figures"
         )
-    for metric, module in (("nudenet", "nudenet"), ("lpips", "lpips"), ("fid", "torch_fidelity")):
+    for metric, module, extra in (
+        ("nudenet", "nudenet", EXTRA),
+        ("lpips", "lpips", EXTRA_TORCHVISION),
+        ("fid", "torch_fidelity", EXTRA_TORCHVISION),
+    ):
         if metric in spec.metrics:
-            _need(module, metric)  # fail before drawing any image
+            _need(module, metric, extra)  # fail before drawing any image
     rows, concepts = image_rows(run, limit)
     folder, manifest = sample_images(run, rows, samples, device, progress)
     pairs = image_pairs(rows, concepts, folder, manifest, run)
@@ -385,8 +391,15 @@ def evaluate_images(
         )
         figures.update(result["figures"])
         metrics[name] = result
+    from uce_cli.prompts import file_stem
+
+    cases: dict[str, str] = {}  # norm(concept) → the first case with images, for the plots
+    for pair in pairs:
+        if pair.concept:
+            cases.setdefault(norm(pair.concept), file_stem(pair.case))
     return {
         "samples": str(folder),
+        "cases": cases,
         "images": 2 * len(pairs),
         "prompts": len(rows),
         "figures": figures,
