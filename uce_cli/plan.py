@@ -134,9 +134,7 @@ def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
         if column is None:
             raise DataError(f"{path} is a csv: set `column` to one of: {', '.join(columns)}")
         if column not in columns:
-            raise DataError(
-                f"{path} has no column '{column}' — columns: {', '.join(columns)}"
-            )
+            raise DataError(f"{path} has no column '{column}' — columns: {', '.join(columns)}")
         values = [(row.get(column) or "").strip() for row in reader]
     else:
         if column is not None:
