@@ -134,6 +134,12 @@ def text_inputs(run: Run) -> tuple[Any, list[str]]:
             if len(kept) < len(rows):
                 notes.append(f"{where}: dropped {len(rows) - len(kept)} rows of edited concepts")
             target += [DriftPrompt(r.prompt, r.concept or f"{name}.{i}") for r in kept]
+    if not spec.preserved:
+        inputs.preserved = [DriftPrompt(p, p) for p in run.plan.preserve if p]
+        if inputs.preserved:
+            notes.append(
+                "drift_preserve: on the edit's own preserve prompts (no evaluate.preserved)"
+            )
     return inputs, notes
 
 
