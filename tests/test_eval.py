@@ -209,3 +209,37 @@ def test_a_run_with_an_eval_folder_still_samples_as_an_edit(
          "--out", str(tmp_path / "s"), "-q"],
     )  # fmt: skip
     assert sampled.exit_code == 0, sampled.stderr
+
+
+def test_expectations_added_to_the_recipe_after_the_edit_are_checked(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    run = _run(tiny_model, tmp_path / "a")
+    assert eval_cli(run, "--check").exit_code == 0  # no expect: yet
+    recipe = tmp_path / "a" / "recipe.yaml"
+    recipe.write_text(
+        recipe.read_text()
+        + "  expect:\n    - {metric: efficacy, value: -3.0, tolerance: 0.5, source: Table 9}\n"
+    )
+    result = eval_cli(run, "--check")
+    assert result.exit_code == 1 and "efficacy" in result.stderr and "Table 9" in result.stderr
+    # a recipe that now describes another edit is not used: the log's copy is
+    recipe.write_text(recipe.read_text().replace("Rembrandt", "Vermeer"))
+    assert eval_cli(run, "--check").exit_code == 0
+
+
+def test_plots_without_matplotlib_name_the_extra(
+    erased_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(erased_model, run)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = runner.invoke(app, ["eval", str(run), "-q"])
+    assert result.exit_code == 1
+    assert (
+        'plots need matplotlib — pip install "uce-cli[eval]", or pass --no-plots' in result.stderr
+    )
+    assert runner.invoke(app, ["eval", str(run), "-q", "--no-plots"]).exit_code == 0

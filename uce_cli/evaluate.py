@@ -16,7 +16,7 @@ from uce_cli.evalprompts import DEFAULT_HELDOUT_TEMPLATES, norm, read_prompt_set
 from uce_cli.evalspec import FIGURES, Evaluate, Expect
 from uce_cli.plan import EditPlan, resolve_plan
 from uce_cli.progress import NullProgress, Progress
-from uce_cli.recipe import parse_recipe
+from uce_cli.recipe import load_recipe, parse_recipe, recipe_sha256
 
 EVAL_SCHEMA = 1
 EVAL_DIR = "eval"
@@ -57,6 +57,16 @@ def open_run(path: Path) -> Run:
     recipe_file = Path(log.get("recipe_file") or path / "recipe.yaml")
     label = f"{recipe_file} (as recorded in {path / 'edit_log.json'})"
     recipe = parse_recipe(recipe_data, label)
+    evaluate = recipe.evaluate
+    if recipe_file.is_file():
+        # The recipe file's evaluate: wins while the file still describes this edit (its hash
+        # leaves evaluate: out), so expectations can be added after the edit was made.
+        try:
+            current = load_recipe(recipe_file)
+        except RecipeError:
+            current = None
+        if current is not None and recipe_sha256(current) == log.get("recipe_sha256"):
+            evaluate = current.evaluate
     try:
         plan = resolve_plan(recipe, recipe_file)
     except RecipeError as exc:
@@ -68,7 +78,7 @@ def open_run(path: Path) -> Run:
         path,
         log,
         plan,
-        recipe.evaluate or Evaluate(),
+        evaluate or Evaluate(),
         recipe_file.parent,
         base["spec"],
         base.get("revision"),
