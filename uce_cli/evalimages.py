@@ -137,7 +137,7 @@ def sample_images(
     except (OSError, ValueError) as exc:
         raise DataError(f"{manifest_path}: not readable ({exc})") from None
     settings = manifest.get("settings", {})
-    wanted = {"steps": str(spec.steps), "guidance": f"{spec.guidance:g}"}
+    wanted = {"steps": str(spec.steps), "guidance": f"{spec.guidance:g}", "model": run.base_spec}
     for key, value in wanted.items():
         if settings.get(key) != value:
             raise DataError(
