@@ -249,9 +249,12 @@ def _gaps(
     src, tgt, group = held
     before = torch.zeros(n_groups, dtype=torch.float64)
     after = torch.zeros(n_groups, dtype=torch.float64)
+    # Targets are a few guides' rows shared by many held-out prompts: project each row once.
+    rows, which = torch.unique(tgt, return_inverse=True)
+    targets = flat[rows] @ old.T  # (unique target rows, d_out)
     for s in range(0, len(src), CHUNK):
         x = flat[src[s : s + CHUNK]]  # (n, d_in)
-        y_target = flat[tgt[s : s + CHUNK]] @ old.T  # (n, d_out)
+        y_target = targets[which[s : s + CHUNK]]  # (n, d_out)
         y_old = x @ old.T
         gap = y_old - y_target
         before.index_add_(0, group[s : s + CHUNK], gap.pow(2).sum(1).double())
