@@ -14,6 +14,7 @@ prompts is ``‖(W_new − W_old)·C‖_F / ‖W_old·C‖_F`` over all 77 posit
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -103,13 +104,16 @@ def text_figures(
         progress: stage reporting.
 
     Returns:
-        ``{"figures", "layers", "concepts", "counts"}`` — see docs/metrics.md.
+        ``{"figures", "layers", "concepts", "timings", "counts"}`` — see docs/metrics.md.
     """
     progress = progress or NullProgress()
     max_length = tokenizer.model_max_length
     prompts = [h.prompt for h in inputs.heldout] + [h.guide for h in inputs.heldout]
     prompts += [d.prompt for d in inputs.preserved] + [d.prompt for d in inputs.unrelated]
+    t0 = time.perf_counter()
     index, hidden, counts = encode_unique(tokenizer, encoder, prompts, batch_size, progress)
+    timings = {"encode": round(time.perf_counter() - t0, 3)}
+    t0 = time.perf_counter()
 
     # Held-out vectors: source rows, the target row each pairs with, position class, concept.
     concepts = list(dict.fromkeys(h.concept for h in inputs.heldout))
@@ -158,6 +162,7 @@ def text_figures(
         progress.advance()
     progress.finish()
 
+    timings["measure"] = round(time.perf_counter() - t0, 3)
     n_c = len(concepts)
     by_class_before = per_concept_before.view(len(w_old), len(CLASSES), n_c)
     by_class_after = per_concept_after.view(len(w_old), len(CLASSES), n_c)
@@ -204,6 +209,7 @@ def text_figures(
         "figures": figures,
         "layers": layers,
         "concepts": concept_table,
+        "timings": timings,
         "counts": {
             "heldout_prompts": len(inputs.heldout),
             "heldout_vectors": len(src_rows),

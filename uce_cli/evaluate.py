@@ -188,7 +188,9 @@ def evaluate_text(
     base = open_model(run.base_spec, run.base_revision)
     tokenizer, encoder = load_text_encoder(base, pick_device(device), torch.float32)
     progress.finish()
+    loaded = time.perf_counter() - t0
     result = text_figures(inputs, tokenizer, encoder, old, new, batch_size, progress)
+    result["timings"] = {"read_and_load": round(loaded, 3), **result["timings"]}
     return {
         **result,
         "settings": {
