@@ -112,9 +112,17 @@ def test_image_metrics_on_tiny_models(
     assert images["metrics"]["imagenet_top1"]["images_per_second"] > 0
 
     # resumed: the same images are reused, and the figures do not change
-    again = runner.invoke(app, ["eval", str(run), "--images", "--force", "-q", "--no-plots"])
+    again = runner.invoke(app, ["eval", str(run), "--images", "--force", "-q"])
     assert again.exit_code == 0, again.stderr
-    assert json.loads((run / "eval" / "eval.json").read_text())["figures"] == figures
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["figures"] == figures
+    # plots: concepts, layers, and the edited concept's before/after grid from uce sample
+    assert report["plots"] == ["concepts.png", "layers.png", "worst-best.png"]
+    from PIL import Image
+
+    with Image.open(run / "eval" / "worst-best.png") as grid:
+        assert grid.width > 0 and grid.height > 20
+    assert "![worst-best.png](worst-best.png)" in (run / "eval" / "eval.md").read_text()
 
 
 def test_samples_made_with_other_settings_are_refused(
