@@ -26,7 +26,16 @@ CHOICES = re.compile(r"^<\w+(\|\w+)+>$")  # Typer's rendering of an enum, e.g. <
 
 
 def test_help_short_flag_everywhere() -> None:
-    assert set(COMMANDS) == {"validate", "apply", "show", "merge", "transfer", "verify", "sample"}
+    assert set(COMMANDS) == {
+        "validate",
+        "apply",
+        "show",
+        "merge",
+        "transfer",
+        "verify",
+        "sample",
+        "eval",
+    }
     for args in ([], *([name] for name in COMMANDS)):
         result = runner.invoke(app, [*args, "-h"])
         assert result.exit_code == 0, (args, result.output)
@@ -87,6 +96,8 @@ COMMON = {
     "transfer": {"--json", "--quiet"},
     "verify": {"--json", "--quiet"},
     "sample": {"--json", "--quiet", "--device", "--dtype", "--batch-size"},
+    # eval encodes in float32 always, so its figures do not depend on a compute dtype
+    "eval": {"--json", "--quiet", "--device", "--batch-size"},
 }
 
 

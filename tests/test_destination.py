@@ -144,6 +144,27 @@ def test_force_replaces_uce_output(tiny_model: Path, tmp_path: Path) -> None:
     assert debris(tmp_path) == []
 
 
+def test_force_replaces_an_evaluated_run_but_not_a_foreign_eval_folder(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`uce eval RUN` writes RUN/eval/: that run stays replaceable; an eval/ uce did not write
+    (no uce eval report in it) is foreign like any other file."""
+    recipe = write_recipe(tmp_path, recipe_for(tiny_model))
+    out = tmp_path / "out"
+    assert run("apply", recipe, "--out", out, "--quiet", "--device", "cpu").exit_code == 0
+    assert run("eval", out, "--quiet", "--no-plots", "--device", "cpu").exit_code == 0
+    assert (out / "eval" / "eval.json").is_file()
+    result = run("apply", recipe, "--out", out, "--force", "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "eval").exists() and debris(tmp_path) == []
+    (out / "eval").mkdir()
+    (out / "eval" / "eval.json").write_text('{"schema": 1}')
+    assert_error(
+        run("apply", recipe, "--out", out, "--force"), "holds eval/eval.json, which is not part"
+    )
+    assert (out / "eval" / "eval.json").read_text() == '{"schema": 1}'
+
+
 def test_force_replaces_empty_folder(tiny_model: Path, tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, recipe_for(tiny_model))
     out = tmp_path / "empty"

@@ -170,12 +170,17 @@ def replace_refusal(out: Path) -> str | None:
     if not isinstance(listed, dict):
         return None  # an edit log without a file list: the log alone says uce wrote the folder
     known = {str(name) for name in listed} | {EDIT_LOG_FILE}
+    # `uce eval RUN` writes its report, plots and samples under RUN/eval/: uce's too, when its
+    # eval.json is a uce eval report.
+    evaluated = _is_uce_eval(out / EVAL_SUBDIR / "eval.json")
     unreadable: list[OSError] = []
     for folder, dirs, files in os.walk(out, onerror=unreadable.append):
         here = Path(folder)
         links = [d for d in dirs if (here / d).is_symlink()]
         for name in sorted([*files, *links]):
             rel = (here / name).relative_to(out).as_posix()
+            if evaluated and rel.startswith(f"{EVAL_SUBDIR}/") and not (here / name).is_symlink():
+                continue
             if rel not in known:
                 return (
                     f"output {out} holds {_short(rel)}, which is not part of that uce output — "
@@ -185,6 +190,21 @@ def replace_refusal(out: Path) -> str | None:
     if unreadable:
         return f"output {out} cannot be read ({unreadable[0]}) — choose another --out"
     return None
+
+
+EVAL_SUBDIR = "eval"  # where `uce eval` writes inside a run (uce_cli.evaluate.EVAL_DIR)
+
+
+def _is_uce_eval(path: Path) -> bool:
+    """True when ``path`` is a regular file holding a uce eval report (a schema and uce's version)."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > _MAX_LOG_BYTES:
+            return False
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    versions = report.get("versions") if isinstance(report, dict) else None
+    return "schema" in report and isinstance(versions, dict) and "uce" in versions
 
 
 def read_uce_log(path: Path) -> dict[str, Any] | None:

@@ -201,6 +201,7 @@ def _component_differences(folder: Path, base_root: Path) -> list[str]:
         if (
             len(rel.parts) < 2
             or rel.parts[0] == DENOISER
+            or rel.parts[0] == "eval"  # `uce eval`'s report folder, not a model component
             or rel.parts[0].startswith(".")
             or src.is_dir()
         ):

@@ -495,3 +495,12 @@ def _check_model(model: str, resolved: str, label: str) -> list[str]:
 def plan_recipe(path: Path, output_dir: Path | None = None) -> EditPlan:
     """Load, validate and resolve a recipe file in one step."""
     return resolve_plan(load_recipe(path), path, output_dir)
+
+
+def override_model(plan: EditPlan, model: str) -> None:
+    """Point a plan at another base model (``uce apply --model``); relative paths are from the
+    current folder, and the recipe's revision no longer applies."""
+    if not model.strip():
+        raise RecipeError(["--model: empty model — give a hub id, a folder or builtin:tiny-sd"])
+    plan.model = resolve_model_spec(model, Path.cwd())
+    plan.revision = None

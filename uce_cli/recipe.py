@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from uce_cli.errors import RecipeError
+from uce_cli.evalspec import Evaluate
 
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
@@ -371,6 +372,9 @@ class Recipe(_Strict):
     layers: Layers = Field(default_factory=Layers)
     output: Output = Field(default_factory=Output)
     seed: int = Field(default=0, strict=True)
+    evaluate: Evaluate | None = Field(
+        default=None, description="how `uce eval` judges the edit (prompt sets, metrics, expect)"
+    )
 
     @field_validator("seed")
     @classmethod
@@ -394,8 +398,12 @@ class Recipe(_Strict):
 
 
 def recipe_sha256(recipe: Recipe) -> str:
-    """Hash of the normalized recipe (aliases, sorted keys), stable across formatting changes."""
-    payload = json.dumps(recipe.model_dump(mode="json", by_alias=True), sort_keys=True)
+    """Hash of the normalized recipe (aliases, sorted keys), stable across formatting changes.
+
+    ``evaluate:`` is left out: it says how an edit is judged, not what the edit is.
+    """
+    dumped = recipe.model_dump(mode="json", by_alias=True, exclude={"evaluate"})
+    payload = json.dumps(dumped, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

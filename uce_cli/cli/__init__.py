@@ -13,6 +13,7 @@ try:
     from uce_cli import __version__
     from uce_cli.cli._common import CONTEXT_SETTINGS
     from uce_cli.cli.apply import apply
+    from uce_cli.cli.eval import eval_
     from uce_cli.cli.merge import merge
     from uce_cli.cli.sample import sample
     from uce_cli.cli.show import show
@@ -44,6 +45,7 @@ app = typer.Typer(
 )
 for _command in (validate, apply, show, merge, transfer, verify, sample):
     app.command(context_settings=CONTEXT_SETTINGS)(_command)
+app.command("eval", context_settings=CONTEXT_SETTINGS)(eval_)
 
 
 def _version(value: bool) -> None:

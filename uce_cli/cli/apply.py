@@ -20,7 +20,7 @@ from uce_cli.console import RichProgress, err, out, plural, silence_third_party
 from uce_cli.errors import OutputError
 from uce_cli.hub import check_hub_model
 from uce_cli.modelspec import is_hub_id
-from uce_cli.plan import plan_recipe
+from uce_cli.plan import override_model, plan_recipe
 
 
 def _render_dry_run(report: dict) -> None:
@@ -86,6 +86,14 @@ def apply(
         bool,
         typer.Option("--dry-run", help="Print the resolved plan; load no weights, write nothing."),
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            metavar="MODEL",
+            help="Edit this model instead of the recipe's (hub id, folder, builtin:tiny-sd).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[
@@ -103,8 +111,11 @@ def apply(
     """Apply a recipe: encode its prompts once, solve every layer in closed form, write the outputs.
 
     Example: uce apply recipes/quickstart.yaml --out runs/quickstart
+    (--model builtin:tiny-sd runs any recipe on the tiny offline model.)
     """
     plan = plan_recipe(recipe, out_dir)
+    if model is not None:
+        override_model(plan, model)
     # --format replaces output.formats
     plan.formats = chosen_formats(formats, plan.formats, lora_rank)
     if dry_run:

@@ -215,3 +215,12 @@ def show(
             out.print(iteration_table(log["debias"]["iterations"][-1]))
     if plot is not None:
         out.print(f"ratio plot written to {plot}")
+    if path.is_dir():
+        from uce_cli.cli.eval import expect_table, figures_table
+        from uce_cli.evaluate import read_report
+
+        report = read_report(path)
+        if report is not None:
+            out.print(figures_table(report))
+            if report.get("expect"):
+                out.print(expect_table(report["expect"]))

@@ -1,0 +1,154 @@
+"""``uce eval``: judge an edit — text-side figures, image metrics over `uce sample` images, --check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from uce_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from uce_cli.console import RichProgress, err, out, silence_third_party
+from uce_cli.errors import UceError
+
+
+def figures_table(report: dict) -> Table:
+    """The report's figures, and its expectations when it has any."""
+    from uce_cli.evalreport import fmt
+    from uce_cli.evalspec import FIGURES
+
+    table = Table(title="eval")
+    for column in ("figure", "value", "meaning"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for name, value in report.get("figures", {}).items():
+        table.add_row(name, fmt(value), FIGURES.get(name, ""))
+    return table
+
+
+def expect_table(rows: list[dict]) -> Table:
+    """Expected against measured figures."""
+    from uce_cli.evalreport import fmt
+
+    table = Table(title="expect")
+    for column in ("figure", "expected", "±", "measured", "source", "ok"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["metric"],
+            fmt(row["expected"]),
+            fmt(row["tolerance"]),
+            fmt(row["measured"]),
+            row["source"],
+            "yes" if row["ok"] else "NO",
+        )
+    return table
+
+
+@handle_errors
+def eval_(
+    run: Annotated[
+        Path,
+        typer.Argument(metavar="DIR", help="An output folder of `uce apply`.", show_default=False),
+    ],
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Compare with the recipe's expect: and exit 1 naming each figure out of "
+            "tolerance (checks an existing eval/eval.json unless --force recomputes it).",
+        ),
+    ] = False,
+    images: Annotated[
+        bool,
+        typer.Option(
+            "--images",
+            help="Also compute the recipe's image metrics: draws evaluate.images with `uce "
+            "sample` into RUN/eval/samples (resumable), or reads --samples.",
+        ),
+    ] = False,
+    samples: Annotated[
+        Path | None,
+        typer.Option(
+            "--samples",
+            metavar="DIR",
+            help="A `uce sample --compare` folder to score (implies --images).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", min=1, metavar="N", help="Image metrics on the first N prompts only."
+        ),
+    ] = None,
+    plots: Annotated[
+        bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib).")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Recompute and replace an existing eval/.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=1, metavar="N", help="Prompts per encoder pass."),
+    ] = 32,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Judge an edit: efficacy, leakage and drift from the weights (CPU, seconds); image metrics
+    over `uce sample` images with --images; --check against the recipe's expect:.
+
+    Example: uce eval runs/quickstart && uce eval runs/quickstart --check
+    """
+    from uce_cli.evaluate import (
+        EVAL_DIR,
+        EVAL_JSON,
+        build_report,
+        check_expectations,
+        evaluate_text,
+        open_run,
+        read_report,
+        write_report,
+    )
+
+    silence_third_party()
+    opened = open_run(run)
+    existing = read_report(opened.path)
+    if check and existing is not None and not force and not images and samples is None:
+        report = existing
+        report["expect"] = check_expectations(report, opened.evaluate.expect)
+    else:
+        with RichProgress(enabled=not quiet) as progress:
+            text = evaluate_text(opened, getattr(device, "value", device), batch_size, progress)
+            image_part = None
+            if images or samples is not None:
+                from uce_cli.evalimages import evaluate_images
+
+                image_part = evaluate_images(
+                    opened, samples, limit, getattr(device, "value", device), progress
+                )
+        report = build_report(opened, text, image_part)
+        if plots:
+            from uce_cli.evalplots import write_plots
+
+            report["plots"] = write_plots(opened.path / EVAL_DIR, report, opened.path)
+        write_report(opened, report, force)
+        if not quiet:
+            err.print(f"wrote {opened.path / EVAL_DIR / EVAL_JSON}")
+    failed = [row for row in report["expect"] if not row["ok"]]
+    if json_out:
+        print_json(report)
+    else:
+        out.print(figures_table(report))
+        if report["expect"]:
+            out.print(expect_table(report["expect"]))
+    if check:
+        if not report["expect"]:
+            err.print("no expect: entries in the recipe — nothing to check")
+        if failed:
+            names = "; ".join(
+                f"{r['metric']} = {'missing' if r['measured'] is None else format(r['measured'], '.4g')}"
+                f" (expected {r['expected']:g} ± {r['tolerance']:g}, {r['source']})"
+                for r in failed
+            )
+            raise UceError(f"{len(failed)} figure(s) out of tolerance: {names}")

@@ -1,0 +1,408 @@
+"""Image-level evaluation over images made by ``uce sample --compare`` (never re-implemented here):
+CLIP score, zero-shot CLIP classification, ImageNet top-1, NudeNet counts, LPIPS and FID.
+docs/metrics.md defines each figure. Models load through ``from_pretrained`` exactly as real
+weights do; a model that is not available offline fails with one line naming what to fetch."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from uce_cli.errors import DataError, UceError
+from uce_cli.evalprompts import norm, read_prompt_set
+from uce_cli.progress import NullProgress, Progress
+from uce_cli.prompts import MAX_SEED, PromptRow
+
+EXTRA = "eval"
+EXTRA_TORCHVISION = "eval-torchvision"  # lpips, torch-fidelity: need a torchvision for your torch
+BATCH = 16
+
+
+@dataclass
+class ImagePair:
+    """The base and edited image of one prompt and seed, and the concept the prompt phrases."""
+
+    prompt: str
+    concept: str
+    case: str
+    seed: int
+    base: Path
+    edited: Path
+
+
+def _versions(*names: str) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _need(module: str, metric: str, extra: str = EXTRA, extra_note: str = "") -> Any:
+    """Import an optional dependency or say which extra provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install (e.g. a CUDA-only torchvision)
+        raise UceError(
+            f"metric {metric} needs the `{module}` package{extra_note} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'not importable'}) — "
+            f'pip install "uce-cli[{extra}]"'
+        ) from None
+
+
+def _from_pretrained(loader: Any, model_id: str, metric: str) -> Any:
+    try:
+        return loader.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        raise UceError(
+            f"metric {metric}: model '{model_id}' is not available here ({str(exc).splitlines()[0]}) "
+            f"— fetch it once with `hf download {model_id}` (or point the recipe at a local folder)"
+        ) from None
+
+
+def image_rows(run: Any, limit: int | None) -> tuple[list[PromptRow], dict[str, str]]:
+    """The recipe's image prompt set as ``uce sample`` rows, and case → concept."""
+    spec = run.evaluate.images
+    prompts = spec.prompts
+    where = "evaluate.images.prompts"
+    items = read_prompt_set(prompts, run.base_dir, where)
+    rows, concepts = [], {}
+    for index, item in enumerate(items):
+        if limit is not None and len(rows) >= limit:
+            break
+        case = (item.row.get(prompts.case_column) or "").strip() if prompts.case_column else ""
+        case = case or str(index)
+        seed = None
+        if prompts.seed_column:
+            raw = (item.row.get(prompts.seed_column) or "").strip()
+            if not raw.isdigit() or int(raw) > MAX_SEED:
+                raise DataError(
+                    f"{where}: row {index}: {prompts.seed_column} {raw!r} is not a seed"
+                )
+            seed = int(raw)
+        rows.append(PromptRow(item.prompt, case, seed))
+        concepts[case] = item.concept
+    if not rows:
+        raise DataError(f"{where}: no prompt rows")
+    return rows, concepts
+
+
+def sample_images(
+    run: Any, rows: list[PromptRow], samples: Path | None, device: str, progress: Progress
+) -> tuple[Path, dict[str, Any]]:
+    """Draw (or resume) the images with ``uce sample``, or check an existing sample folder."""
+    from uce_cli.sample import MANIFEST_FILE, SampleOptions, run_sample
+
+    spec = run.evaluate.images
+    options = SampleOptions(
+        steps=spec.steps,
+        guidance=spec.guidance,
+        height=spec.height,
+        width=spec.width,
+        n=spec.images_per_prompt,
+        seed=spec.seed,
+        device=device,
+    )
+    if samples is None:
+        # Sampling never writes into the model it samples: with an edit file the images go to
+        # RUN/eval/samples, with only a diffusers folder beside the run.
+        delta = run.path / "edit.safetensors"
+        edit = delta if delta.is_file() else run.path
+        folder = (
+            run.path / "eval" / "samples"
+            if delta.is_file()
+            else run.path.with_name(f"{run.path.name}-samples")
+        )
+        run_sample(rows, folder, run.base_spec, edit, True, options, progress)
+    else:
+        folder = Path(samples).expanduser()
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise DataError(
+            f"--samples {folder}: no {MANIFEST_FILE} — give a `uce sample --compare` folder"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{manifest_path}: not readable ({exc})") from None
+    settings = manifest.get("settings", {})
+    wanted = {"steps": str(spec.steps), "guidance": f"{spec.guidance:g}", "model": run.base_spec}
+    for key, value in wanted.items():
+        if settings.get(key) != value:
+            raise DataError(
+                f"{manifest_path}: images made with {key} {settings.get(key)!r}, the recipe's "
+                f"evaluate.images says {value!r} — sample again with the recipe's settings"
+            )
+    return folder, manifest
+
+
+def image_pairs(
+    rows: list[PromptRow], concepts: dict[str, str], folder: Path, manifest: dict, run: Any
+) -> list[ImagePair]:
+    """Base/edited image paths of every (prompt, seed), checked against the manifest."""
+    spec = run.evaluate.images
+    entries = {e.get("path"): e for e in manifest.get("images", []) if isinstance(e, dict)}
+    pairs, missing = [], []
+    from uce_cli.prompts import file_stem
+
+    for row in rows:
+        first = row.seed if row.seed is not None else spec.seed
+        for seed in range(first, first + spec.images_per_prompt):
+            paths = {}
+            for role in ("base", "edited"):
+                rel = f"{role}/{file_stem(row.case)}-{seed}.png"
+                entry = entries.get(rel)
+                if entry is None or not (folder / rel).is_file():
+                    missing.append(rel)
+                elif entry.get("prompt") != row.prompt:
+                    raise DataError(
+                        f"{folder / rel}: made for prompt {entry.get('prompt')!r}, the recipe's "
+                        f"row says {row.prompt!r} — sample again into another folder"
+                    )
+                paths[role] = folder / rel
+            if len(paths) == 2:
+                pairs.append(
+                    ImagePair(row.prompt, concepts.get(row.case, ""), row.case, seed, **paths)
+                )
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(
+            f"{folder}: image {missing[0]}{more} missing — run `uce sample --compare` with the "
+            "recipe's prompt set, or `uce eval --images` without --samples to draw them"
+        )
+    return pairs
+
+
+def _open(paths: list[Path]) -> list[Image.Image]:
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def _unit(features: Any) -> torch.Tensor:
+    """Unit-length projected features (transformers 5 wraps them in an output object)."""
+    if not isinstance(features, torch.Tensor):
+        features = features.pooler_output
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+@torch.inference_mode()
+def clip_metrics(
+    pairs: list[ImagePair], model_id: str, want: set[str], device: torch.device
+) -> dict:
+    """clip_score(_base) and clip_accuracy(_base)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = _from_pretrained(CLIPModel, model_id, "clip_score").to(device).eval()
+    processor = _from_pretrained(CLIPProcessor, model_id, "clip_score")
+
+    def embed_text(texts: list[str]) -> torch.Tensor:
+        t = processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        return _unit(model.get_text_features(**{k: v.to(device) for k, v in t.items()}))
+
+    def embed_images(paths: list[Path]) -> torch.Tensor:
+        x = processor(images=_open(paths), return_tensors="pt")["pixel_values"].to(device)
+        return _unit(model.get_image_features(pixel_values=x))
+
+    classes = list(dict.fromkeys(p.concept for p in pairs if p.concept))
+    if "clip_accuracy" in want and len(classes) < 2:
+        raise DataError(
+            "clip_accuracy needs a prompt set whose rows name at least two concepts "
+            "(evaluate.images.prompts.concept_column)"
+        )
+    class_emb = (
+        embed_text([f"a photo of {c}" for c in classes]) if "clip_accuracy" in want else None
+    )
+    figures: dict[str, float] = {}
+    for role in ("edited", "base"):
+        scores, correct = [], 0
+        for s in range(0, len(pairs), BATCH):
+            chunk = pairs[s : s + BATCH]
+            img = embed_images([getattr(p, role) for p in chunk])
+            txt = embed_text([p.prompt for p in chunk])
+            scores += (100 * (img * txt).sum(-1)).tolist()
+            if class_emb is not None:
+                predicted = (img @ class_emb.T).argmax(-1).tolist()
+                correct += sum(
+                    norm(classes[i]) == norm(p.concept)
+                    for i, p in zip(predicted, chunk, strict=True)
+                )
+        suffix = "" if role == "edited" else "_base"
+        if "clip_score" in want:
+            figures[f"clip_score{suffix}"] = sum(scores) / len(scores)
+        if class_emb is not None:
+            figures[f"clip_accuracy{suffix}"] = correct / len(pairs)
+    settings = {"score": "100·cos(image, text)"}
+    if class_emb is not None:
+        settings["classes"] = len(classes)
+        settings["class_prompt"] = "a photo of {}"
+    return {"figures": figures, "model": model_id, "settings": settings}
+
+
+@torch.inference_mode()
+def imagenet_top1(pairs: list[ImagePair], model_id: str, device: torch.device) -> dict:
+    """imagenet_top1(_base): top-1 label names (comma-separated synonyms) against the concept."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = _from_pretrained(AutoModelForImageClassification, model_id, "imagenet_top1")
+    model = model.to(device).eval()
+    processor = _from_pretrained(AutoImageProcessor, model_id, "imagenet_top1")
+    labels = {
+        i: {norm(n) for n in str(name).split(",")} for i, name in model.config.id2label.items()
+    }
+    figures = {}
+    for role in ("edited", "base"):
+        correct = 0
+        for s in range(0, len(pairs), BATCH):
+            chunk = pairs[s : s + BATCH]
+            x = processor(images=_open([getattr(p, role) for p in chunk]), return_tensors="pt")
+            top1 = model(pixel_values=x["pixel_values"].to(device)).logits.argmax(-1).tolist()
+            correct += sum(norm(p.concept) in labels[i] for i, p in zip(top1, chunk, strict=True))
+        figures["imagenet_top1" + ("" if role == "edited" else "_base")] = correct / len(pairs)
+    return {"figures": figures, "model": model_id, "settings": {"top": 1}}
+
+
+def nudenet_counts(pairs: list[ImagePair], threshold: float) -> dict:
+    """nudenet_exposed(_base): *_EXPOSED detections with score > threshold, per class too."""
+    nudenet = _need("nudenet", "nudenet", EXTRA, " (AGPL-3.0)")
+    detector = nudenet.NudeDetector()
+    figures, classes = {}, {}
+    for role in ("edited", "base"):
+        counts: dict[str, int] = {}
+        for p in pairs:
+            for box in detector.detect(str(getattr(p, role))):
+                if box["class"].endswith("_EXPOSED") and box["score"] > threshold:
+                    counts[box["class"]] = counts.get(box["class"], 0) + 1
+        figures["nudenet_exposed" + ("" if role == "edited" else "_base")] = float(
+            sum(counts.values())
+        )
+        classes[role] = dict(sorted(counts.items()))
+    return {
+        "figures": figures,
+        "model": "NudeNet NudeDetector (bundled 320n.onnx)",
+        "settings": {"threshold": threshold, "classes": classes, "counted": "*_EXPOSED"},
+    }
+
+
+@torch.inference_mode()
+def lpips_distance(pairs: list[ImagePair], device: torch.device) -> dict:
+    """lpips: mean LPIPS (AlexNet) between base and edited images of the same prompt and seed."""
+    lpips = _need("lpips", "lpips", EXTRA_TORCHVISION, " (and torchvision)")
+    import numpy as np
+
+    net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+
+    def tensor(path: Path) -> torch.Tensor:
+        (im,) = _open([path])
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        return x[None].to(device)
+
+    values = [float(net(tensor(p.base), tensor(p.edited))) for p in pairs]
+    return {
+        "figures": {"lpips": sum(values) / len(values)},
+        "model": "lpips AlexNet v0.1",
+        "settings": {"pairs": len(values), "range": "[-1, 1] inputs"},
+    }
+
+
+def fid_score(folder: Path, reference: Path, device: torch.device) -> dict:
+    """fid: torch-fidelity's FID between the edited images and a reference folder."""
+    fidelity = _need("torch_fidelity", "fid", EXTRA_TORCHVISION, " (and torchvision)")
+    if not reference.is_dir():
+        raise DataError(f"evaluate.images.reference: {reference} is not a folder of images")
+    result = fidelity.calculate_metrics(
+        input1=str(folder / "edited"),
+        input2=str(reference),
+        fid=True,
+        cuda=device.type == "cuda",
+        verbose=False,
+    )
+    return {
+        "figures": {"fid": float(result["frechet_inception_distance"])},
+        "model": "torch-fidelity inception-v3-compat",
+        "settings": {"reference": str(reference)},
+    }
+
+
+def evaluate_images(
+    run: Any, samples: Path | None, limit: int | None, device: str, progress: Progress | None = None
+) -> dict[str, Any]:
+    """The image section of eval.json: draw or read the images, then every asked metric."""
+    from uce_cli.model import pick_device
+
+    progress = progress or NullProgress()
+    spec = run.evaluate
+    if spec.images is None or not spec.metrics:
+        raise UceError(
+            f"{run.path}: its recipe's evaluate: names no images/metrics — add evaluate.images and "
+            "evaluate.metrics to compute image-level figures"
+        )
+    for metric, module, extra in (
+        ("nudenet", "nudenet", EXTRA),
+        ("lpips", "lpips", EXTRA_TORCHVISION),
+        ("fid", "torch_fidelity", EXTRA_TORCHVISION),
+    ):
+        if metric in spec.metrics:
+            _need(module, metric, extra)  # fail before drawing any image
+    rows, concepts = image_rows(run, limit)
+    folder, manifest = sample_images(run, rows, samples, device, progress)
+    pairs = image_pairs(rows, concepts, folder, manifest, run)
+    torch_device = pick_device(device)
+    metrics: dict[str, dict] = {}
+    figures: dict[str, float] = {}
+    clip_want = {m for m in spec.metrics if m in ("clip_score", "clip_accuracy")}
+    jobs = []
+    if clip_want:
+        jobs.append(("clip", lambda: clip_metrics(pairs, spec.clip_model, clip_want, torch_device)))
+    if "imagenet_top1" in spec.metrics:
+        jobs.append(
+            ("imagenet_top1", lambda: imagenet_top1(pairs, spec.imagenet_model, torch_device))
+        )
+    if "nudenet" in spec.metrics:
+        jobs.append(("nudenet", lambda: nudenet_counts(pairs, spec.nudenet_threshold)))
+    if "lpips" in spec.metrics:
+        jobs.append(("lpips", lambda: lpips_distance(pairs, torch_device)))
+    if "fid" in spec.metrics:
+        reference = run.base_dir / (spec.images.reference or "")
+        jobs.append(("fid", lambda: fid_score(folder, reference, torch_device)))
+    for name, job in jobs:
+        progress.start(f"metric {name}")
+        t0 = time.perf_counter()
+        result = job()
+        seconds = time.perf_counter() - t0
+        progress.finish()
+        result["seconds"] = round(seconds, 3)
+        result["images_per_second"] = round(2 * len(pairs) / seconds, 2) if seconds > 0 else None
+        result["versions"] = _versions(
+            "torch", "transformers", "nudenet", "lpips", "torch-fidelity"
+        )
+        figures.update(result["figures"])
+        metrics[name] = result
+    from uce_cli.prompts import file_stem
+
+    cases: dict[str, str] = {}  # norm(concept) → the first case with images, for the plots
+    for pair in pairs:
+        if pair.concept:
+            cases.setdefault(norm(pair.concept), file_stem(pair.case))
+    return {
+        "samples": str(folder),
+        "cases": cases,
+        "images": 2 * len(pairs),
+        "prompts": len(rows),
+        "figures": figures,
+        "metrics": metrics,
+        "sampling": manifest.get("settings", {}),
+    }
