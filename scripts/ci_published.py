@@ -5,7 +5,9 @@ For each recipes/published/*.yaml: `uce validate`, `uce apply --dry-run --model 
 (Algorithm 1) are applied as a copy whose `debias_loop` uses the builtin tiny CLIP judge and a
 one-iteration, two-image, two-step loop: the published loop would sample 9,250 images a round.
 With --plots DIR, the plots of --plots-recipe are copied there (the README shows them).
-Prints one line per recipe and a JSON summary; exits 1 if any recipe fails.
+Prints one line per recipe and a JSON summary; exits 1 if any recipe fails. A report whose held-out
+prompt set is a large upstream file (I2P, COCO-30k) that is neither cached, in $UCE_DATA_MIRROR nor
+fetchable (offline) is listed as `needs-data`, not failed: the edit itself was applied.
 
 Usage: python scripts/ci_published.py --work runs/published [--plots docs] [--only erase-artists-5]
 """
@@ -23,6 +25,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# uce eval's one-line error for a held-out prompt set it can neither find nor fetch.
+NO_DATA = "cannot download upstream data file"
+
 # The loop settings of an `alphas: auto` recipe on the tiny model: a smoke run of the real loop.
 TINY_LOOP = {
     "classifier": "builtin:tiny-clip",
@@ -80,7 +85,12 @@ def main() -> None:
         for name, cmd in steps:
             done = uce(*cmd)
             if done.returncode != 0:
-                status, detail = "FAIL", f"{name}: {done.stderr.strip().splitlines()[-1:]}"
+                last = (done.stderr.strip().splitlines() or [""])[-1]
+                if name == "eval" and NO_DATA in last:
+                    # A large prompt set (I2P, COCO) offline with no mirror: said, not failed.
+                    status, detail = "needs-data", last.removeprefix("error: ")
+                else:
+                    status, detail = "FAIL", f"{name}: {last}"
                 break
             if name == "eval":
                 figures = json.loads(done.stdout)["figures"]
