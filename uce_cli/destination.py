@@ -197,28 +197,26 @@ EVAL_SUBDIR = "eval"  # where `uce eval` writes inside a run (uce_cli.evaluate.E
 
 def _is_uce_eval(path: Path) -> bool:
     """True when ``path`` is a regular file holding a uce eval report (a schema and uce's version)."""
-    try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > _MAX_LOG_BYTES:
-            return False
-        report = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return False
-    versions = report.get("versions") if isinstance(report, dict) else None
-    return "schema" in report and isinstance(versions, dict) and "uce" in versions
+    return _uce_record(path) is not None
 
 
 def read_uce_log(path: Path) -> dict[str, Any] | None:
     """The edit log at ``path`` if it is a regular file written by uce, else None."""
+    return _uce_record(path)
+
+
+def _uce_record(path: Path) -> dict[str, Any] | None:
+    """A JSON object uce wrote (``schema`` and ``versions.uce``) at ``path``, a small regular file."""
     try:
         if not path.is_file() or path.is_symlink() or path.stat().st_size > _MAX_LOG_BYTES:
             return None
-        log = json.loads(path.read_bytes())
+        record = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(log, dict) or "schema" not in log:
+    if not isinstance(record, dict) or "schema" not in record:
         return None
-    versions = log.get("versions")
-    return log if isinstance(versions, dict) and "uce" in versions else None
+    versions = record.get("versions")
+    return record if isinstance(versions, dict) and "uce" in versions else None
 
 
 def check_sample_out(out: Path) -> None:
