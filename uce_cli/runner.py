@@ -113,10 +113,13 @@ def run_apply(
 
         classifier = classifier or ClipClassifier(plan.loop.classifier, run_device)
     # One identity for the text encoder (its weights, not its file layout): the preserve cache
-    # key, the operator/LoRA metadata and the edit log all use it. Hashing releases the GIL, so
-    # it runs beside the encoder's loading.
+    # key, the operator/LoRA metadata and the edit log all use it; the base k/v weights' content
+    # hash names the base in delta/LoRA files (uce merge checks it). Hashing releases the GIL, so
+    # both run beside the encoder's loading.
+    keys = [t.key for t in model.kv if t.key.split(".")[-2] in plan.projections]
     with ThreadPoolExecutor(max_workers=1) as pool:
         encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
+        kv_hash_job = pool.submit(kv_weights_sha256, model, keys)
         if plan.loop is not None:
             # The loop samples: one pipeline, loaded once; its text encoder serves the statistics.
             from uce_cli.pipeline import load_pipeline, resolve_scheduler
@@ -128,6 +131,7 @@ def run_apply(
         else:
             tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
         encoder_id = encoder_hash.result()
+        kv_hash = kv_hash_job.result()
     progress.finish()
     timings["load"] = time.perf_counter() - t0
 
@@ -150,7 +154,6 @@ def run_apply(
     timings["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    keys = [t.key for t in model.kv if t.key.split(".")[-2] in plan.projections]
     old = model.read_kv(keys)
     scales = Scales(plan.lam, plan.erase_scale, plan.preserve_scale)
     loop_record = None
@@ -173,8 +176,6 @@ def run_apply(
 
     t0 = time.perf_counter()
     progress.start("save")
-    # The delta and LoRA files name the base they were made for by its k/v content (uce merge).
-    kv_hash = kv_weights_sha256(model, keys)
     stage = staging_dir(out)
     hashes = HashBook()
     try:
