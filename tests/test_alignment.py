@@ -1,4 +1,4 @@
-"""Token alignment: the exact positions each mode uses (DESIGN §1), on the tiny multi-token vocab."""
+"""Token alignment: the exact positions each mode uses (docs/design.md), on the tiny multi-token vocab."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Correctness of the edit: parity with a plain float64 implementation of the formula, properties.
 
-The reference below is written out from DESIGN §1 independently of uce's code: it tokenizes and
+The reference below is written out from docs/design.md independently of uce's code: it tokenizes and
 encodes each pair on its own (as the published reference does), sums rank-1 terms per layer and
 solves ``mat1 · mat2⁻¹`` in float64.
 """
@@ -44,7 +44,7 @@ def kv_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 class Reference:
-    """Plain float64 UCE (DESIGN §1), one pair at a time, per layer."""
+    """Plain float64 UCE (docs/design.md), one pair at a time, per layer."""
 
     def __init__(self, model: Path) -> None:
         self.tok = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))

@@ -1,5 +1,5 @@
 """Prompts → text-encoder hidden states, each unique prompt once, batched, and the token positions
-each alignment mode uses (DESIGN §1).
+each alignment mode uses (docs/design.md).
 
 Prompts are padded to ``model_max_length`` and the encoder runs without an attention mask, as the
 Stable Diffusion pipelines do. ``f(x) = n_tokens(x) − 2`` is the index of the last word token

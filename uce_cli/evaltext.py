@@ -2,7 +2,7 @@
 and edited k/v weights alone (no UNet, no images). docs/metrics.md defines every figure.
 
 For a held-out prompt ``p`` of an edited concept with guide ``g``, positions pair as the paper
-alignment pairs them (DESIGN §1): ``p``'s last word token onwards with ``g``'s. Per layer,
+alignment pairs them (docs/design.md): ``p``'s last word token onwards with ``g``'s. Per layer,
 
     gap_before = ‖W_old·C_p − W_old·C_g‖_F,   gap_after = ‖W_new·C_p − W_old·C_g‖_F
     efficacy = 1 − gap_after / gap_before                      (sums over a concept's vectors)

@@ -1,6 +1,6 @@
 """The edit plan: a validated recipe resolved into prompt pairs and preserve prompts (pure Python).
 
-Resolution expands templates per alignment mode (DESIGN §1), reads concept files, removes
+Resolution expands templates per alignment mode (docs/design.md), reads concept files, removes
 duplicates, refuses conflicts and fills in the mode's default scales. Nothing here imports torch.
 """
 

@@ -318,7 +318,7 @@ class PreserveGroup(ConceptSource):
 
 
 class Solver(_Strict):
-    """Scales of the closed form (DESIGN §1); None means the alignment mode's default."""
+    """Scales of the closed form (docs/design.md); None means the alignment mode's default."""
 
     lam: Number | None = Field(default=None, alias="lambda", description="ridge term λ")
     erase_scale: Number | None = Field(default=None, description="s_e")

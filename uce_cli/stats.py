@@ -1,6 +1,6 @@
 """The edit's sufficient statistics: float64 Gram matrices of edit, target and preserve vectors.
 
-Everything the closed form and its diagnostics need is a ``d × d`` matrix (DESIGN §1):
+Everything the closed form and its diagnostics need is a ``d × d`` matrix (docs/design.md):
 ``G_s = Σ c_s c_sᵀ``, ``G_ts = Σ c* c_sᵀ``, ``G_t = Σ c* c*ᵀ`` over edit vectors (c* the target
 embedding, so v* = W_old c*) and ``G_p = Σ c_p c_pᵀ`` over preserve vectors. They are accumulated
 in float64 chunk by chunk while prompts are encoded once, so memory does not grow with the number
@@ -247,7 +247,7 @@ def collect_statistics(
                     kept[prompt] = h
                 if prompt in preserve:
                     if plan.alignment == "paper":
-                        acc.add_preserve(h)  # all L positions (DESIGN §1)
+                        acc.add_preserve(h)  # all L positions (docs/design.md)
                     else:
                         acc.add_preserve(h[last_word_index(counts[prompt])].unsqueeze(0))
     progress.finish()

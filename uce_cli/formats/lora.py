@@ -1,6 +1,6 @@
 """LoRA: the edit ΔW = W_old·(K − I) of each layer as exact (or rank-truncated) low-rank factors.
 
-Since rank(K − I) ≤ number of edit vectors (DESIGN §1), ΔW (d_out × d_in) factors exactly as
+Since rank(K − I) ≤ number of edit vectors (docs/design.md), ΔW (d_out × d_in) factors exactly as
 ``lora_B · lora_A`` with ``lora_B = U_r S_r`` (d_out × r) and ``lora_A = V_rᵀ`` (r × d_in) from
 its float64 SVD. Two key layouts, both loaded by diffusers' ``pipe.load_lora_weights``:
 

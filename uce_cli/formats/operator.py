@@ -1,6 +1,6 @@
 """The edit operator: K (d_in × d_in, float64) with W_new = W_old·K for every edited k/v layer.
 
-K depends only on text embeddings (DESIGN §1), so it re-applies exactly to any checkpoint that
+K depends only on text embeddings (docs/design.md), so it re-applies exactly to any checkpoint that
 shares the text encoder it was computed with (SD 1.4 → SD 1.5 and fine-tunes of them). The file
 names that encoder by ``text_encoder_weights_sha256`` and is refused for any other.
 """
