@@ -182,3 +182,33 @@ def test_verify_rtol_must_be_finite(erased_model: Path, value: str) -> None:
     )
     assert result.exit_code == 2, result.output
     assert "--rtol" in result.stderr
+
+
+def test_full_disk_while_sampling_is_one_line(
+    erased_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while writing images is the machine's problem, said in one line (not an
+    internal error); a programming OSError stays an internal error."""
+    import errno
+
+    from uce_cli import grid
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s" / "x.png"))
+
+    monkeypatch.setattr(grid.Image.Image, "save", full)
+    args = ["sample", "--edit", str(erased_model), "-p", "x", "--steps", "2", "--out"]
+    result = runner.invoke(app, [*args, str(tmp_path / "s")])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write or read "), lines
+    assert "No space left on device — free some disk space" in lines[0]
+    assert "internal error" not in result.stderr
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(grid.Image.Image, "save", bug)
+    result = runner.invoke(app, [*args, str(tmp_path / "t")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: internal error: OSError"), result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -11,7 +12,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from enum import Enum
-from typing import Annotated, Any, TextIO, TypeVar
+from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 
 import typer
 
@@ -89,6 +90,19 @@ def warnings_as_lines() -> Iterator[None]:
         yield
 
 
+# OS errors that the machine, not uce, causes (a full or read-only disk, permissions), with what to
+# do: one line like any other user error, wherever they arise (images, caches, outputs).
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some disk space and run again (finished files are kept)",
+    errno.EDQUOT: "free some disk space and run again (finished files are kept)",
+    errno.EROFS: "the file system is read-only: choose a writable --out",
+    errno.EACCES: "check the permissions, or choose another --out",
+    errno.EPERM: "check the permissions, or choose another --out",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EIO: "the disk reported an I/O error: check it and run again",
+}
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into ``error: …`` + exit 1; ``UCE_DEBUG=1`` shows the traceback."""
 
@@ -109,18 +123,31 @@ def handle_errors(func: F) -> F:
             # stdout closed early (e.g. piped into `head`): not an error of the command.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0) from None
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:  # not the disk's or permissions' fault: a bug
+                _internal_error(exc, debug)
+            if debug:
+                traceback.print_exc()
+            where = f" {exc.filename}" if exc.filename else ""
+            print_error(
+                f"cannot write or read{where}: {exc.strerror} — {ENVIRONMENT_ERRNOS[exc.errno]}"
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:  # a long run may say how far it got
             print_error(str(exc) or "interrupted")
             raise typer.Exit(130) from None
-        except Exception as exc:  # a bug, not bad input: still one line, details on request
-            if debug:
-                traceback.print_exc()
-            print_error(
-                f"internal error: {type(exc).__name__}: {exc} (set UCE_DEBUG=1 for the traceback)"
-            )
-            raise typer.Exit(1) from None
+        except Exception as exc:
+            _internal_error(exc, debug)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_error(exc: Exception, debug: bool) -> NoReturn:
+    """A bug, not bad input: still one line, details on request."""
+    if debug:
+        traceback.print_exc()
+    print_error(f"internal error: {type(exc).__name__}: {exc} (set UCE_DEBUG=1 for the traceback)")
+    raise typer.Exit(1) from None
 
 
 def print_json(payload: Any) -> None:
