@@ -1,0 +1,136 @@
+"""Tests for runs under ``accelerate launch``: two CPU processes draw a one-process run's images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from uce_cli.cli import app
+from uce_cli.distributed import Ranks, init_ranks
+
+pytest.importorskip("accelerate", reason="accelerate is not installed (pip install '.[distributed]')")
+
+runner = CliRunner()
+PROMPTS = [f"a painting number {i}" for i in range(5)]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (two tests launching at once must not share one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(processes: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch --multi_gpu --num_processes N -m uce_cli …`` on the CPU."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        "-m", "uce_cli", *(str(a) for a in args),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+
+
+def write_prompts(folder: Path) -> Path:
+    """Five prompts with their own seeds."""
+    path = folder / "prompts.csv"
+    lines = ["case_number,prompt,evaluation_seed"]
+    lines += [f"{i},{p},{3 * i}" for i, p in enumerate(PROMPTS)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def images_of(folder: Path) -> dict[str, bytes]:
+    """Every PNG under ``folder`` (images and grids), by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.png")}
+
+
+@pytest.fixture(scope="module")
+def runs(erased_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One compare run drawn by one process and by two launched ones, same prompts and seeds."""
+    root = tmp_path_factory.mktemp("distributed")
+    prompts = write_prompts(root)
+    args = ["--edit", erased_model, "--compare", "--prompts-file", prompts, "--n", "2"]
+    args += ["--steps", "2", "--device", "cpu", "--quiet"]
+    # torchrun gives each process one thread (OMP_NUM_THREADS=1); the thread count changes CPU
+    # float rounding, so the reference is drawn with one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = runner.invoke(app, ["sample", *map(str, args), "--out", str(root / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.exit_code == 0, one.stderr
+    two = launch(2, "sample", *args, "--out", root / "two")
+    return {"root": root, "args": args, "one": root / "one", "two": root / "two", "proc": two}
+
+
+def test_two_processes_draw_the_one_process_images_byte_for_byte(runs: dict) -> None:
+    proc = runs["proc"]
+    assert proc.returncode == 0, proc.stderr
+    one, two = images_of(runs["one"]), images_of(runs["two"])
+    assert len(one) == 5 * 2 * 2 + 5  # base + edited for 5 prompts × 2 seeds, 5 grids
+    assert two == one
+    # Rows 0, 2, 4 are rank 0's, rows 1, 3 rank 1's: 4 images per row.
+    assert "rank 0/2: 12 images (12 generated, 0 already there)" in proc.stderr
+    assert "rank 1/2: 8 images (8 generated, 0 already there)" in proc.stderr
+    assert proc.stdout.count("20 images (20 generated, 0 already there)") == 1  # rank 0 reports
+
+
+def test_merged_manifest_is_complete_and_ordered_as_one_process_writes_it(runs: dict) -> None:
+    assert runs["proc"].returncode == 0, runs["proc"].stderr
+    one = json.loads((runs["one"] / "manifest.json").read_text())
+    two = json.loads((runs["two"] / "manifest.json").read_text())
+    assert two == one
+    assert [e["path"] for e in two["images"]] == sorted(e["path"] for e in two["images"])
+    assert len(two["images"]) == 20 and len(two["grids"]) == 5
+    assert not list(runs["two"].glob("manifest.rank-*.json"))  # merged, then removed
+
+
+def test_killed_rank_resumes_with_another_number_of_processes(runs: dict) -> None:
+    assert runs["proc"].returncode == 0, runs["proc"].stderr
+    out = runs["root"] / "killed"
+    shutil.copytree(runs["two"], out)
+    # Rank 1 died before drawing rows 1 and 3 (its images are gone), and before the merge: only
+    # its rank manifest of what it had drawn, rows 0/2/4 are in manifest.json.
+    for path in [*out.glob("*/1-*.png"), *out.glob("*/3-*.png")]:
+        path.unlink()
+    (out / "manifest.rank-1.json").write_text('{"images": []}')
+    proc = launch(3, "sample", *runs["args"], "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    # Three ranks now: rows 0, 3 → rank 0; rows 1, 4 → rank 1; row 2 → rank 2.
+    assert "rank 0/3: 8 images (4 generated, 4 already there)" in proc.stderr
+    assert "rank 1/3: 8 images (4 generated, 4 already there)" in proc.stderr
+    assert "rank 2/3: 4 images (0 generated, 4 already there)" in proc.stderr
+    assert images_of(out) == images_of(runs["one"])
+    merged = json.loads((out / "manifest.json").read_text())
+    assert merged == json.loads((runs["one"] / "manifest.json").read_text())
+
+
+def test_without_a_launch_one_rank_and_no_accelerate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ranks = init_ranks("cpu")
+    assert (ranks.rank, ranks.world, ranks.state) == (0, 1, None)
+    assert ranks.gather("x") == ["x"] and ranks.broadcast(3) == 3
+    code = (
+        "import sys, uce_cli.distributed as d; d.init_ranks(); print('accelerate' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_rows_go_to_rank_index_modulo_world() -> None:
+    rows = list(range(7))
+    assert [Ranks(rank=r, world=3).share(rows) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
