@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from uce_cli.cli import app
 from uce_cli.distributed import Ranks, init_ranks
 
-pytest.importorskip("accelerate", reason="accelerate is not installed (pip install '.[distributed]')")
+pytest.importorskip(
+    "accelerate", reason="accelerate is not installed (pip install '.[distributed]')"
+)
 
 runner = CliRunner()
 PROMPTS = [f"a painting number {i}" for i in range(5)]
@@ -134,3 +136,14 @@ def test_without_a_launch_one_rank_and_no_accelerate(monkeypatch: pytest.MonkeyP
 def test_rows_go_to_rank_index_modulo_world() -> None:
     rows = list(range(7))
     assert [Ranks(rank=r, world=3).share(rows) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_apply_under_a_launch_runs_on_rank_0_only(tiny_model: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_model}\nerase:\n  - concepts: [Kelly Mckernan]\n")
+    proc = launch(2, "apply", recipe, "--out", tmp_path / "out", "--device", "cpu", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0/2: uce apply is one process — running on rank 0 only" in proc.stderr
+    assert "rank 1/2: uce apply runs on rank 0 only — nothing to do here" in proc.stderr
+    assert (tmp_path / "out" / "edit.safetensors").is_file()
+    assert "already exists" not in proc.stderr  # one process wrote the folder, not two

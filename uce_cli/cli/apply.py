@@ -17,6 +17,7 @@ from uce_cli.cli.merge import (
     chosen_formats,
 )
 from uce_cli.console import RichProgress, err, out, plural, silence_third_party
+from uce_cli.distributed import launched_rank, launched_world
 from uce_cli.errors import OutputError
 from uce_cli.hub import check_hub_model
 from uce_cli.modelspec import is_hub_id
@@ -113,6 +114,13 @@ def apply(
     Example: uce apply recipes/quickstart.yaml --out runs/quickstart
     (--model builtin:tiny-sd runs any recipe on the tiny offline model.)
     """
+    world = launched_world()
+    if world > 1:  # under `accelerate launch`: a few seconds of work, not worth splitting
+        rank = launched_rank()
+        if rank != 0:
+            err.print(f"rank {rank}/{world}: uce apply runs on rank 0 only — nothing to do here")
+            return
+        err.print(f"rank 0/{world}: uce apply is one process — running on rank 0 only")
     plan = plan_recipe(recipe, out_dir)
     if model is not None:
         override_model(plan, model)
