@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests import test_eval_images
 from uce_cli.cli import app
 from uce_cli.distributed import Ranks, init_ranks
 
@@ -22,6 +23,10 @@ pytest.importorskip(
 )
 
 runner = CliRunner()
+# test_eval_images' tiny random CLIP and ResNet, and its evaluated run.
+tiny_clip = test_eval_images.tiny_clip
+tiny_resnet = test_eval_images.tiny_resnet
+eval_run = test_eval_images._run
 PROMPTS = [f"a painting number {i}" for i in range(5)]
 
 
@@ -147,3 +152,48 @@ def test_apply_under_a_launch_runs_on_rank_0_only(tiny_model: Path, tmp_path: Pa
     assert "rank 1/2: uce apply runs on rank 0 only — nothing to do here" in proc.stderr
     assert (tmp_path / "out" / "edit.safetensors").is_file()
     assert "already exists" not in proc.stderr  # one process wrote the folder, not two
+
+
+def test_eval_images_scored_across_two_ranks_gives_one_process_figures(
+    tiny_model: Path, tiny_clip: Path, tiny_resnet: Path, tmp_path: Path
+) -> None:
+    metrics = "clip_score, clip_accuracy, imagenet_top1"
+    figures = {}
+    for processes in (1, 2):
+        run = eval_run(tiny_model, tmp_path / str(processes), tiny_clip, tiny_resnet, metrics)
+        args = ["eval", run, "--images", "--device", "cpu", "-q", "--no-plots"]
+        if processes == 1:  # one thread, as torchrun gives each launched process
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                done = runner.invoke(app, [str(a) for a in args])
+            finally:
+                torch.set_num_threads(threads)
+            assert done.exit_code == 0, done.stderr
+        else:
+            proc = launch(2, *args)
+            assert proc.returncode == 0, proc.stderr
+        report = json.loads((run / "eval" / "eval.json").read_text())
+        assert report["images"]["images"] == 8
+        figures[processes] = report["images"]["figures"]
+    assert set(figures[2]) == set(figures[1]) and len(figures[1]) == 6
+    for name, value in figures[1].items():
+        assert figures[2][name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_per_pair_values_come_back_in_one_process_order() -> None:
+    from uce_cli.evalimages import _across_ranks
+
+    pairs = list(range(7))
+    seen = []
+
+    def score(share: list[int]) -> list[int]:
+        seen.append(share)
+        return [10 * p for p in share]
+
+    class Rank0Of3(Ranks):
+        def gather(self, obj: list[int]) -> list[list[int]]:
+            return [obj, score(pairs[1::3]), score(pairs[2::3])]  # what ranks 1 and 2 send
+
+    assert _across_ranks(pairs, Rank0Of3(rank=0, world=3), score) == [10 * p for p in pairs]
+    assert seen[0] == [0, 3, 6]  # rank 0 scored only its share
