@@ -197,3 +197,27 @@ def test_per_pair_values_come_back_in_one_process_order() -> None:
 
     assert _across_ranks(pairs, Rank0Of3(rank=0, world=3), score) == [10 * p for p in pairs]
     assert seen[0] == [0, 3, 6]  # rank 0 scored only its share
+
+
+def test_debias_loop_across_two_ranks_ends_at_the_one_process_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    recipe = Path(__file__).parents[1] / "recipes" / "debias-loop-tiny.yaml"
+    args = ["apply", str(recipe), "--device", "cpu", "--quiet", "--no-cache"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun gives each launched process
+    try:
+        one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.exit_code == 0, one.stderr
+    proc = launch(2, *args, "--out", tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 1/2: debias loop images split across 2 processes" in proc.stderr
+    log = {n: json.loads((tmp_path / n / "edit_log.json").read_text()) for n in ("one", "two")}
+    sampled = [log[n]["debias"]["iterations"][0]["images_sampled"] for n in ("one", "two")]
+    assert sampled == [30, 30]  # 3 prompts × 2 seeds × 5 images: both ranks' counted
+    ratios = [[it["items"] for it in log[n]["debias"]["iterations"]] for n in ("one", "two")]
+    assert ratios[0] == ratios[1] and log["two"]["debias"]["edits"] >= 1
+    a, b = (load_file(tmp_path / n / "edit.safetensors") for n in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
