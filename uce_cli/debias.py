@@ -15,6 +15,11 @@ Each iteration:
    weights: edits compound), every other recipe edit included; swap the new k/v tensors into the
    loaded UNet in place.
 
+Under ``accelerate launch`` every rank holds the pipeline: image j of an iteration (in the order
+one process draws them) is rank j % world's; each rank classifies its images, the probabilities
+are gathered, and every rank computes the same ratios; rank 0 alone solves and broadcasts the new
+k/v tensors, which every rank swaps in.
+
 Differences from the published code, on purpose: the seeds are fixed and recorded (it draws five
 at random each iteration), images are batched across items, and the text side is encoded once.
 """
@@ -30,6 +35,7 @@ import torch
 from PIL import Image
 
 from uce_cli.classify import Classifier, label_ratios
+from uce_cli.distributed import Ranks
 from uce_cli.edits import apply_edit
 from uce_cli.plan import EditPlan
 from uce_cli.progress import NullProgress, Progress
@@ -109,12 +115,14 @@ def sample_items(
     height: int,
     width: int,
     progress: Progress,
+    ranks: Ranks | None = None,
 ) -> dict[str, list[Image.Image]]:
     """Images of every prompt with the pipeline's current weights, batched across prompts.
 
     Each seed's latents are drawn as the pipeline draws them for ``num_images_per_prompt =
     images_per_seed`` with one CPU generator of that seed (the published loop's call), then
-    passed in as ``latents``, so a batch may mix prompts and seeds.
+    passed in as ``latents``, so a batch may mix prompts and seeds. Under a launch (``ranks``)
+    only this rank's share of the images is drawn.
     """
     dtype = pipe.unet.dtype
     shape = (
@@ -129,6 +137,7 @@ def sample_items(
             g = torch.Generator("cpu").manual_seed(seed)
             latents = torch.randn(shape, generator=g, dtype=dtype)
             jobs += [(prompt, latent) for latent in latents]
+    jobs = (ranks or Ranks()).share(jobs)
     images: dict[str, list[Image.Image]] = {p: [] for p in prompts}
     progress.start(f"sampling {len(jobs)} images", total=len(jobs), unit="img")
     for start in range(0, len(jobs), loop.batch_size):
@@ -167,6 +176,7 @@ def run_debias_loop(
     width: int,
     progress: Progress | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> LoopResult:
     """Run Algorithm 1 on a loaded pipeline and return the final k/v weights.
 
@@ -182,6 +192,8 @@ def run_debias_loop(
         width: image width for sampling.
         progress: stage/advance reporting.
         on_iteration: receives each iteration's record as soon as it is complete.
+        ranks: this process's rank under ``accelerate launch``: images are split across ranks,
+            rank 0 solves; every rank returns the same result.
 
     Raises:
         LoopInterrupted: Ctrl-C; says after which iteration.
@@ -189,6 +201,7 @@ def run_debias_loop(
     assert plan.loop is not None
     loop = plan.loop
     progress = progress or NullProgress()
+    ranks = ranks or Ranks()
     items = loop_items(plan, stats)
     current = dict(weights)
     k_total: torch.Tensor | None = None
@@ -204,17 +217,18 @@ def run_debias_loop(
         for iteration in range(1, loop.max_iterations + 1):
             t0 = time.perf_counter()
             todo = [item for item in items if not item.done]
-            images = sample_items(pipe, [i.prompt for i in todo], loop, height, width, progress)
+            prompts = [i.prompt for i in todo]
+            images = sample_items(pipe, prompts, loop, height, width, progress, ranks)
             t1 = time.perf_counter()
+            probs = _classify_across_ranks(todo, images, classifier, ranks)
             for item in todo:
-                probs = classifier(images[item.prompt], item.labels)
-                ratios = label_ratios(probs)
+                ratios = label_ratios(probs[item.prompt])
                 item.ratios = [float(r) for r in ratios]
                 item.gap = max(abs(r - d) for r, d in zip(item.ratios, item.desired, strict=True))
             t2 = time.perf_counter()
             record: dict[str, Any] = {
                 "iteration": iteration,
-                "images_sampled": sum(len(v) for v in images.values()),
+                "images_sampled": sum(len(v) for v in probs.values()),
                 "sampled": [i.prompt for i in todo],
             }
             if max(i.gap for i in items) < loop.tolerance:  # type: ignore[type-var]
@@ -247,7 +261,7 @@ def run_debias_loop(
                 item.done = item.gap < loop.tolerance
             step = replace(_with_alphas(stats, items), G_p=g_p, n_preserve_vectors=n_preserve)
             progress.start("solve")
-            current, k, metrics = solve_edit(current, step, scales)
+            current, k, metrics = _solve_on_rank_0(current, step, scales, ranks)
             apply_edit(pipe.unet, current)
             progress.finish()
             if k is None:
@@ -275,7 +289,7 @@ def run_debias_loop(
         # other edits (erase, moderate, fixed-α debias) are still made, once.
         if any(not pair.auto for pair in plan.pairs):
             step = replace(_with_alphas(stats, items), G_p=g_p, n_preserve_vectors=n_preserve)
-            current, k_total, metrics = solve_edit(current, step, scales)
+            current, k_total, metrics = _solve_on_rank_0(current, step, scales, ranks)
             apply_edit(pipe.unet, current)
             operator = k_total is not None
         else:
@@ -304,6 +318,39 @@ def run_debias_loop(
             "iterations": iterations,
         },
     )
+
+
+def _classify_across_ranks(
+    items: list[LoopItem],
+    images: dict[str, list[Image.Image]],
+    classifier: Classifier,
+    ranks: Ranks,
+) -> dict[str, torch.Tensor]:
+    """Every item's (N, J) label probabilities over all ranks' images (a rank may have none)."""
+    mine = {
+        item.prompt: (
+            classifier(images[item.prompt], item.labels).double().cpu()
+            if images[item.prompt]
+            else torch.zeros(0, len(item.labels), dtype=torch.float64)
+        )
+        for item in items
+    }
+    parts = ranks.gather(mine)
+    return {item.prompt: torch.cat([part[item.prompt] for part in parts]) for item in items}
+
+
+def _solve_on_rank_0(
+    weights: dict[str, torch.Tensor], stats: EditStats, scales: Scales, ranks: Ranks
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, dict[str, float]]]:
+    """``solve_edit`` on rank 0; the other ranks receive its result (CPU tensors travel)."""
+    if not ranks.distributed:
+        return solve_edit(weights, stats, scales)
+    solved = None
+    if ranks.main:
+        new, k, metrics = solve_edit(weights, stats, scales)
+        solved = ({n: w.cpu() for n, w in new.items()}, None if k is None else k.cpu(), metrics)
+    new, k, metrics = ranks.broadcast(solved)
+    return {n: w.to(weights[n].device) for n, w in new.items()}, k, metrics
 
 
 def _rounded(record: dict[str, Any]) -> dict[str, Any]:

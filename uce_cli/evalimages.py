@@ -1,20 +1,26 @@
 """Image-level evaluation over images made by ``uce sample --compare`` (never re-implemented here):
 CLIP score, zero-shot CLIP classification, ImageNet top-1, NudeNet counts, LPIPS and FID.
 docs/metrics.md defines each figure. Models load through ``from_pretrained`` exactly as real
-weights do; a model that is not available offline fails with one line naming what to fetch."""
+weights do; a model that is not available offline fails with one line naming what to fetch.
+
+Under ``accelerate launch`` the images are drawn across the ranks (``uce sample``'s split), each
+rank scores every world-th (base, edited) pair, and the per-pair values are gathered in the
+one-process order before averaging; FID, which needs all images at once, runs on rank 0."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
+from uce_cli.distributed import Ranks
 from uce_cli.errors import DataError, UceError
 from uce_cli.evalprompts import norm, read_prompt_set
 from uce_cli.progress import NullProgress, Progress
@@ -23,6 +29,7 @@ from uce_cli.prompts import MAX_SEED, PromptRow
 EXTRA = "eval"
 EXTRA_TORCHVISION = "eval-torchvision"  # lpips, torch-fidelity: need a torchvision for your torch
 BATCH = 16
+T = TypeVar("T")
 
 
 @dataclass
@@ -99,7 +106,12 @@ def image_rows(run: Any, limit: int | None) -> tuple[list[PromptRow], dict[str, 
 
 
 def sample_images(
-    run: Any, rows: list[PromptRow], samples: Path | None, device: str, progress: Progress
+    run: Any,
+    rows: list[PromptRow],
+    samples: Path | None,
+    device: str,
+    progress: Progress,
+    ranks: Ranks | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Draw (or resume) the images with ``uce sample``, or check an existing sample folder."""
     from uce_cli.sample import MANIFEST_FILE, SampleOptions, run_sample
@@ -124,7 +136,7 @@ def sample_images(
             if delta.is_file()
             else run.path.with_name(f"{run.path.name}-samples")
         )
-        run_sample(rows, folder, run.base_spec, edit, True, options, progress)
+        run_sample(rows, folder, run.base_spec, edit, True, options, progress, ranks)
     else:
         folder = Path(samples).expanduser()
     manifest_path = folder / MANIFEST_FILE
@@ -184,6 +196,18 @@ def image_pairs(
     return pairs
 
 
+def _across_ranks(
+    pairs: list[ImagePair], ranks: Ranks, score: Callable[[list[ImagePair]], list[T]]
+) -> list[T]:
+    """``score(pairs)``, one value per pair in the order of ``pairs``, each rank scoring its share."""
+    share = ranks.share(pairs)
+    parts = ranks.gather(score(share) if share else [])
+    values: list[Any] = [None] * len(pairs)
+    for rank, part in enumerate(parts):
+        values[rank :: len(parts)] = part
+    return values
+
+
 def _open(paths: list[Path]) -> list[Image.Image]:
     images = []
     for p in paths:
@@ -201,7 +225,11 @@ def _unit(features: Any) -> torch.Tensor:
 
 @torch.inference_mode()
 def clip_metrics(
-    pairs: list[ImagePair], model_id: str, want: set[str], device: torch.device
+    pairs: list[ImagePair],
+    model_id: str,
+    want: set[str],
+    device: torch.device,
+    ranks: Ranks | None = None,
 ) -> dict:
     """clip_score(_base) and clip_accuracy(_base)."""
     from transformers import CLIPModel, CLIPProcessor
@@ -226,25 +254,35 @@ def clip_metrics(
     class_emb = (
         embed_text([f"a photo of {c}" for c in classes]) if "clip_accuracy" in want else None
     )
+
+    def score(share: list[ImagePair]) -> list[dict[str, tuple[float, bool]]]:
+        """Per pair and role: (CLIP score, class predicted right)."""
+        values: list[dict[str, tuple[float, bool]]] = [{} for _ in share]
+        for s in range(0, len(share), BATCH):
+            chunk = share[s : s + BATCH]
+            txt = embed_text([p.prompt for p in chunk])
+            for role in ("edited", "base"):
+                img = embed_images([getattr(p, role) for p in chunk])
+                scores = (100 * (img * txt).sum(-1)).tolist()
+                hits = [False] * len(chunk)
+                if class_emb is not None:
+                    predicted = (img @ class_emb.T).argmax(-1).tolist()
+                    hits = [
+                        norm(classes[i]) == norm(p.concept)
+                        for i, p in zip(predicted, chunk, strict=True)
+                    ]
+                for k in range(len(chunk)):
+                    values[s + k][role] = (scores[k], hits[k])
+        return values
+
+    per_pair = _across_ranks(pairs, ranks or Ranks(), score)
     figures: dict[str, float] = {}
     for role in ("edited", "base"):
-        scores, correct = [], 0
-        for s in range(0, len(pairs), BATCH):
-            chunk = pairs[s : s + BATCH]
-            img = embed_images([getattr(p, role) for p in chunk])
-            txt = embed_text([p.prompt for p in chunk])
-            scores += (100 * (img * txt).sum(-1)).tolist()
-            if class_emb is not None:
-                predicted = (img @ class_emb.T).argmax(-1).tolist()
-                correct += sum(
-                    norm(classes[i]) == norm(p.concept)
-                    for i, p in zip(predicted, chunk, strict=True)
-                )
         suffix = "" if role == "edited" else "_base"
         if "clip_score" in want:
-            figures[f"clip_score{suffix}"] = sum(scores) / len(scores)
+            figures[f"clip_score{suffix}"] = sum(v[role][0] for v in per_pair) / len(per_pair)
         if class_emb is not None:
-            figures[f"clip_accuracy{suffix}"] = correct / len(pairs)
+            figures[f"clip_accuracy{suffix}"] = sum(v[role][1] for v in per_pair) / len(pairs)
     settings = {"score": "100·cos(image, text)"}
     if class_emb is not None:
         settings["classes"] = len(classes)
@@ -253,7 +291,9 @@ def clip_metrics(
 
 
 @torch.inference_mode()
-def imagenet_top1(pairs: list[ImagePair], model_id: str, device: torch.device) -> dict:
+def imagenet_top1(
+    pairs: list[ImagePair], model_id: str, device: torch.device, ranks: Ranks | None = None
+) -> dict:
     """imagenet_top1(_base): top-1 label names (comma-separated synonyms) against the concept."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -263,29 +303,55 @@ def imagenet_top1(pairs: list[ImagePair], model_id: str, device: torch.device) -
     labels = {
         i: {norm(n) for n in str(name).split(",")} for i, name in model.config.id2label.items()
     }
-    figures = {}
-    for role in ("edited", "base"):
-        correct = 0
-        for s in range(0, len(pairs), BATCH):
-            chunk = pairs[s : s + BATCH]
-            x = processor(images=_open([getattr(p, role) for p in chunk]), return_tensors="pt")
-            top1 = model(pixel_values=x["pixel_values"].to(device)).logits.argmax(-1).tolist()
-            correct += sum(norm(p.concept) in labels[i] for i, p in zip(top1, chunk, strict=True))
-        figures["imagenet_top1" + ("" if role == "edited" else "_base")] = correct / len(pairs)
+
+    def score(share: list[ImagePair]) -> list[dict[str, bool]]:
+        """Per pair and role: the top-1 label names the concept."""
+        values: list[dict[str, bool]] = [{} for _ in share]
+        for s in range(0, len(share), BATCH):
+            chunk = share[s : s + BATCH]
+            for role in ("edited", "base"):
+                images = _open([getattr(p, role) for p in chunk])
+                x = processor(images=images, return_tensors="pt")
+                top1 = model(pixel_values=x["pixel_values"].to(device)).logits.argmax(-1).tolist()
+                for k, (i, p) in enumerate(zip(top1, chunk, strict=True)):
+                    values[s + k][role] = norm(p.concept) in labels[i]
+        return values
+
+    per_pair = _across_ranks(pairs, ranks or Ranks(), score)
+    figures = {
+        "imagenet_top1" + ("" if role == "edited" else "_base"): sum(v[role] for v in per_pair)
+        / len(pairs)
+        for role in ("edited", "base")
+    }
     return {"figures": figures, "model": model_id, "settings": {"top": 1}}
 
 
-def nudenet_counts(pairs: list[ImagePair], threshold: float) -> dict:
+def nudenet_counts(pairs: list[ImagePair], threshold: float, ranks: Ranks | None = None) -> dict:
     """nudenet_exposed(_base): *_EXPOSED detections with score > threshold, per class too."""
     nudenet = _need("nudenet", "nudenet", EXTRA, " (AGPL-3.0)")
     detector = nudenet.NudeDetector()
+
+    def score(share: list[ImagePair]) -> list[dict[str, list[str]]]:
+        """Per pair and role: the classes of the counted detections."""
+        return [
+            {
+                role: [
+                    box["class"]
+                    for box in detector.detect(str(getattr(p, role)))
+                    if box["class"].endswith("_EXPOSED") and box["score"] > threshold
+                ]
+                for role in ("edited", "base")
+            }
+            for p in share
+        ]
+
+    per_pair = _across_ranks(pairs, ranks or Ranks(), score)
     figures, classes = {}, {}
     for role in ("edited", "base"):
         counts: dict[str, int] = {}
-        for p in pairs:
-            for box in detector.detect(str(getattr(p, role))):
-                if box["class"].endswith("_EXPOSED") and box["score"] > threshold:
-                    counts[box["class"]] = counts.get(box["class"], 0) + 1
+        for found in per_pair:
+            for name in found[role]:
+                counts[name] = counts.get(name, 0) + 1
         figures["nudenet_exposed" + ("" if role == "edited" else "_base")] = float(
             sum(counts.values())
         )
@@ -298,7 +364,9 @@ def nudenet_counts(pairs: list[ImagePair], threshold: float) -> dict:
 
 
 @torch.inference_mode()
-def lpips_distance(pairs: list[ImagePair], device: torch.device) -> dict:
+def lpips_distance(
+    pairs: list[ImagePair], device: torch.device, ranks: Ranks | None = None
+) -> dict:
     """lpips: mean LPIPS (AlexNet) between base and edited images of the same prompt and seed."""
     lpips = _need("lpips", "lpips", EXTRA_TORCHVISION, " (and torchvision)")
     import numpy as np
@@ -310,7 +378,11 @@ def lpips_distance(pairs: list[ImagePair], device: torch.device) -> dict:
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
         return x[None].to(device)
 
-    values = [float(net(tensor(p.base), tensor(p.edited))) for p in pairs]
+    values = _across_ranks(
+        pairs,
+        ranks or Ranks(),
+        lambda share: [float(net(tensor(p.base), tensor(p.edited))) for p in share],
+    )
     return {
         "figures": {"lpips": sum(values) / len(values)},
         "model": "lpips AlexNet v0.1",
@@ -338,12 +410,21 @@ def fid_score(folder: Path, reference: Path, device: torch.device) -> dict:
 
 
 def evaluate_images(
-    run: Any, samples: Path | None, limit: int | None, device: str, progress: Progress | None = None
+    run: Any,
+    samples: Path | None,
+    limit: int | None,
+    device: str,
+    progress: Progress | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
-    """The image section of eval.json: draw or read the images, then every asked metric."""
+    """The image section of eval.json: draw or read the images, then every asked metric.
+
+    Under ``accelerate launch`` (``ranks``) every rank returns the same section.
+    """
     from uce_cli.model import pick_device
 
     progress = progress or NullProgress()
+    ranks = ranks or Ranks()
     spec = run.evaluate
     if spec.images is None or not spec.metrics:
         raise UceError(
@@ -358,26 +439,40 @@ def evaluate_images(
         if metric in spec.metrics:
             _need(module, metric, extra)  # fail before drawing any image
     rows, concepts = image_rows(run, limit)
-    folder, manifest = sample_images(run, rows, samples, device, progress)
+    folder, manifest = sample_images(run, rows, samples, device, progress, ranks)
     pairs = image_pairs(rows, concepts, folder, manifest, run)
     torch_device = pick_device(device)
+    if ranks.distributed and torch_device.type == "cuda":
+        torch_device = ranks.state.device
     metrics: dict[str, dict] = {}
     figures: dict[str, float] = {}
     clip_want = {m for m in spec.metrics if m in ("clip_score", "clip_accuracy")}
     jobs = []
     if clip_want:
-        jobs.append(("clip", lambda: clip_metrics(pairs, spec.clip_model, clip_want, torch_device)))
+        jobs.append(
+            ("clip", lambda: clip_metrics(pairs, spec.clip_model, clip_want, torch_device, ranks))
+        )
     if "imagenet_top1" in spec.metrics:
         jobs.append(
-            ("imagenet_top1", lambda: imagenet_top1(pairs, spec.imagenet_model, torch_device))
+            (
+                "imagenet_top1",
+                lambda: imagenet_top1(pairs, spec.imagenet_model, torch_device, ranks),
+            )
         )
     if "nudenet" in spec.metrics:
-        jobs.append(("nudenet", lambda: nudenet_counts(pairs, spec.nudenet_threshold)))
+        jobs.append(("nudenet", lambda: nudenet_counts(pairs, spec.nudenet_threshold, ranks)))
     if "lpips" in spec.metrics:
-        jobs.append(("lpips", lambda: lpips_distance(pairs, torch_device)))
+        jobs.append(("lpips", lambda: lpips_distance(pairs, torch_device, ranks)))
     if "fid" in spec.metrics:
         reference = run.base_dir / (spec.images.reference or "")
-        jobs.append(("fid", lambda: fid_score(folder, reference, torch_device)))
+        jobs.append(
+            (
+                "fid",  # all images at once: rank 0 computes it, the others take its result
+                lambda: ranks.broadcast(
+                    fid_score(folder, reference, torch_device) if ranks.main else None
+                ),
+            )
+        )
     for name, job in jobs:
         progress.start(f"metric {name}")
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from uce_cli.cache import preserve_key
+from uce_cli.distributed import Ranks
 from uce_cli.editlog import build_edit_log, output_fingerprint, relative_paths
 from uce_cli.encode import token_counts
 from uce_cli.errors import OutputError
@@ -62,7 +63,8 @@ def run_apply(
     allow_pickle: bool = False,
     classifier: Callable[[list[Any], list[str]], torch.Tensor] | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
-) -> ApplyResult:
+    ranks: Ranks | None = None,
+) -> ApplyResult | None:
     """Run a resolved plan end to end and write its outputs atomically.
 
     Args:
@@ -80,6 +82,8 @@ def run_apply(
         classifier: the debias loop's judge (images, labels → (N, J) probabilities); default:
             the CLIP model ``debias_loop.classifier``. Used only when a debias group is ``auto``.
         on_iteration: receives each debias-loop iteration's record as it completes.
+        ranks: under ``accelerate launch``, every rank samples its share of the debias loop's
+            images; only rank 0 writes the outputs (the others return None).
 
     Raises:
         UceError: any problem a user can fix (model, solve, output).
@@ -164,7 +168,7 @@ def run_apply(
         assert pipe is not None and classifier is not None
         height, width = image_size(model.root, None, None)
         loop = run_debias_loop(
-            plan, pipe, old, stats, scales, classifier, height, width, progress, on_iteration
+            plan, pipe, old, stats, scales, classifier, height, width, progress, on_iteration, ranks
         )
         new, k, metrics, loop_record = loop.weights, loop.k, loop.metrics, loop.record
         timings["debias_loop"] = time.perf_counter() - t0
@@ -174,6 +178,8 @@ def run_apply(
         progress.finish()
         timings["solve"] = time.perf_counter() - t0
 
+    if ranks is not None and not ranks.main:
+        return None  # rank 0 writes the outputs
     t0 = time.perf_counter()
     progress.start("save")
     stage = staging_dir(out)

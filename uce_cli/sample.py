@@ -10,6 +10,12 @@ Output layout under ``out``: ``base/<case>-<seed>.png``, ``edited/<case>-<seed>.
 ``grids/<case>.png`` (``--compare``) and ``manifest.json``. Every PNG carries its parameters in
 PNG text chunks; an image whose file already exists with the same parameters is skipped, so an
 interrupted run over thousands of prompts resumes where it stopped.
+
+Under ``accelerate launch`` row i of the prompt set is rank i % world's: that rank draws all its
+images (each with its own seeded generator, so the pixels do not depend on the number of
+processes), writes its grid, and lists them in ``manifest.rank-<K>.json``; after a barrier rank 0
+merges the rank manifests into ``manifest.json`` (ordered as a one-process run writes it) and
+removes them. Resume works per image, so a rerun may use another number of processes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from PIL import Image
 
 from uce_cli import __version__
 from uce_cli.destination import check_sample_out
+from uce_cli.distributed import Ranks
 from uce_cli.edits import (
     EditTensors,
     apply_edit,
@@ -42,6 +49,7 @@ from uce_cli.progress import NullProgress, Progress
 from uce_cli.prompts import MAX_SEED, PromptRow, file_stem
 
 MANIFEST_FILE = "manifest.json"
+RANK_MANIFEST_GLOB = "manifest.rank-*.json"  # one per rank of a launched run, until rank 0 merges
 MANIFEST_SCHEMA = 1
 ROLES = ("base", "edited")
 # Parameters that decide an image's pixels: an existing file is reused only if all of them match.
@@ -78,13 +86,32 @@ class SampleResult:
     grids: list[Path]
     generated: int
     skipped: int
-    seconds: float  # spent generating images (not loading)
+    seconds: float  # spent generating images (not loading); the slowest rank's when launched
     warnings: list[str] = field(default_factory=list)
+    share: RankShare | None = None  # this process's part, when launched with several
 
     @property
     def seconds_per_image(self) -> float | None:
         """Generation time per newly generated image; None when nothing was generated."""
         return self.seconds / self.generated if self.generated else None
+
+
+@dataclass
+class RankShare:
+    """What one rank of a launched run drew: its images, of which ``generated`` are new."""
+
+    rank: int
+    world: int
+    images: int
+    generated: int
+
+    def line(self) -> str:
+        """``rank 1/2: 3 images (3 generated, 0 already there)``."""
+        noun = "image" if self.images == 1 else "images"
+        return (
+            f"rank {self.rank}/{self.world}: {self.images} {noun} ({self.generated} generated, "
+            f"{self.images - self.generated} already there)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +120,7 @@ class SampleResult:
 
 @dataclass
 class _Job:
+    index: int  # the row's index in the prompt set: its rank is index % world
     row: PromptRow
     seed: int
     role: str
@@ -110,6 +138,7 @@ def run_sample(
     compare: bool = False,
     options: SampleOptions | None = None,
     progress: Progress | None = None,
+    ranks: Ranks | None = None,
 ) -> SampleResult:
     """Sample every prompt (``n`` seeds each) from the base model, the edited model, or both.
 
@@ -121,12 +150,15 @@ def run_sample(
         compare: sample base and edited with identical seeds and write a grid per prompt.
         options: sampling settings.
         progress: stage/advance reporting.
+        ranks: this process's rank under ``accelerate launch`` (``init_ranks``); alone by default.
+            Every rank returns the whole run's images and totals.
 
     Raises:
         UceError: bad input (model, edit, scheduler, size, output) before any image is drawn.
     """
     options = options or SampleOptions()
     progress = progress or NullProgress()
+    ranks = ranks or Ranks()
     if compare and edit is None:
         raise UceError("--compare needs --edit: base and edited images are compared")
     if model is None and edit is None:
@@ -161,6 +193,8 @@ def run_sample(
     scheduler_cls = resolve_scheduler(options.scheduler, base.root)
     height, width = image_size(base.root, options.height, options.width)
     device = pick_device(options.device)
+    if ranks.distributed and device.type == "cuda":
+        device = ranks.state.device  # this rank's GPU, as accelerate assigned it
     dtype = pick_dtype(options.dtype, device)
 
     roles = ROLES if compare else (("edited",) if loaded_edit else ("base",))
@@ -177,10 +211,11 @@ def run_sample(
         "uce_version": __version__,
     }
     edit_fields = {"edit": str(edit), "edit_sha256": loaded_edit.sha256} if loaded_edit else {}
-    jobs = _plan_jobs(rows, roles, out, options, common, edit_fields)
+    mine = ranks.share(list(enumerate(rows)))
+    jobs = _plan_jobs(mine, roles, out, options, common, edit_fields)
     _mark_done(jobs)
     if compare:
-        _refuse_foreign_grids(rows, out)
+        _refuse_foreign_grids([row for _, row in mine], out)
     todo = [j for j in jobs if not j.done]
     progress.finish()
 
@@ -193,21 +228,59 @@ def run_sample(
             t0 = time.perf_counter()
             _generate(pipe, todo, loaded_edit, options, height, width, progress)
             seconds = time.perf_counter() - t0
-        grids = _write_grids(rows, jobs, out, common, edit_fields) if compare else []
+        grids = _write_grids(mine, jobs, out, common, edit_fields) if compare else []
     finally:
         # Also after an interrupt: the manifest then lists what was drawn before it.
         if out.is_dir():
-            _write_manifest(out, jobs, common, edit_fields)
+            if ranks.distributed:
+                _write_rank_manifest(out, ranks.rank, jobs, common, edit_fields)
+            else:
+                _write_manifest(out, jobs, common, edit_fields)
     generated = sum(j.generated for j in jobs)
-    return SampleResult(
+    images = [(j.index, {"path": j.path.relative_to(out).as_posix(), **j.meta}) for j in jobs]
+    result = SampleResult(
         out=out,
         manifest=out / MANIFEST_FILE,
-        images=[{"path": j.path.relative_to(out).as_posix(), **j.meta} for j in jobs],
+        images=[entry for _, entry in images],
         grids=grids,
         generated=generated,
         skipped=len(jobs) - generated,
         seconds=seconds,
         warnings=warnings,
+    )
+    if ranks.distributed:
+        result = _merge_ranks(result, images, ranks, common, edit_fields)
+    return result
+
+
+def _merge_ranks(
+    mine: SampleResult,
+    images: list[tuple[int, dict[str, str]]],
+    ranks: Ranks,
+    common: dict[str, str],
+    edit_fields: dict[str, str],
+) -> SampleResult:
+    """Every rank's images and totals on every rank; rank 0 merges the manifests.
+
+    The gather is collective, so it is also the barrier: every rank manifest is on disk when rank 0
+    reads them.
+    """
+    parts = ranks.gather((images, mine.grids, mine.generated, mine.seconds))
+    merged = sorted((entry for part in parts for entry in part[0]), key=lambda e: e[0])
+    if ranks.main:
+        _write_manifest(mine.out, [], common, edit_fields)
+    ranks.barrier()  # nobody returns (and reads manifest.json) before rank 0 has written it
+    generated = sum(part[2] for part in parts)
+    return SampleResult(
+        out=mine.out,
+        manifest=mine.manifest,
+        images=[entry for _, entry in merged],  # stable sort: a row's images stay in order
+        grids=sorted((g for part in parts for g in part[1]), key=lambda p: p.name),
+        generated=generated,
+        skipped=len(merged) - generated,
+        seconds=max(part[3] for part in parts),
+        warnings=mine.warnings,
+        share=RankShare(ranks.rank, ranks.world, len(images), mine.generated),
     )
 
 
@@ -236,7 +309,7 @@ def _check_options(o: SampleOptions) -> None:
 
 
 def _plan_jobs(
-    rows: list[PromptRow],
+    rows: list[tuple[int, PromptRow]],
     roles: tuple[str, ...],
     out: Path,
     o: SampleOptions,
@@ -244,7 +317,7 @@ def _plan_jobs(
     edit_fields: dict[str, str],
 ) -> list[_Job]:
     jobs = []
-    for row in rows:
+    for index, row in rows:
         first = row.seed if row.seed is not None else o.seed
         for seed in range(first, first + o.n):
             for role in roles:
@@ -257,7 +330,14 @@ def _plan_jobs(
                     **(edit_fields if role == "edited" else {"edit": "", "edit_sha256": ""}),
                 }
                 jobs.append(
-                    _Job(row, seed, role, out / role / f"{file_stem(row.case)}-{seed}.png", meta)
+                    _Job(
+                        index,
+                        row,
+                        seed,
+                        role,
+                        out / role / f"{file_stem(row.case)}-{seed}.png",
+                        meta,
+                    )
                 )
     return jobs
 
@@ -378,23 +458,62 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def _write_manifest(
-    out: Path, jobs: list[_Job], common: dict[str, str], edit_fields: dict[str, str]
-) -> Path:
-    """manifest.json: every image on disk of this run, plus entries of earlier runs still on disk."""
-    path = out / MANIFEST_FILE
-    entries: dict[str, dict[str, str]] = {}
-    if path.is_file():
-        try:
-            for entry in json.loads(path.read_text(encoding="utf-8")).get("images", []):
-                if (out / entry["path"]).is_file():
-                    entries[entry["path"]] = entry
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            entries = {}  # unreadable: rebuilt from this run's images
+def _job_entries(out: Path, jobs: list[_Job]) -> dict[str, dict[str, str]]:
+    """The manifest entries of the jobs whose image is on disk, by relative path."""
+    entries = {}
     for job in jobs:
         if job.path.is_file():
             rel = job.path.relative_to(out).as_posix()
             entries[rel] = {"path": rel, **job.meta}
+    return entries
+
+
+def _read_entries(out: Path, path: Path) -> dict[str, dict[str, str]]:
+    """The entries of a manifest whose image is still on disk; none if it is unreadable."""
+    entries = {}
+    try:
+        for entry in json.loads(path.read_text(encoding="utf-8")).get("images", []):
+            if (out / entry["path"]).is_file():
+                entries[entry["path"]] = entry
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # unreadable: rebuilt from the images of this run
+    return entries
+
+
+def _write_rank_manifest(
+    out: Path, rank: int, jobs: list[_Job], common: dict[str, str], edit_fields: dict[str, str]
+) -> Path:
+    """manifest.rank-<rank>.json: this rank's images on disk, for rank 0 to merge."""
+    path = out / f"manifest.rank-{rank}.json"
+    entries = _job_entries(out, jobs)
+    _write_json(
+        path,
+        {
+            "schema": MANIFEST_SCHEMA,
+            "rank": rank,
+            "settings": {**common, **edit_fields},
+            "images": [entries[k] for k in sorted(entries)],
+        },
+    )
+    return path
+
+
+def _write_manifest(
+    out: Path, jobs: list[_Job], common: dict[str, str], edit_fields: dict[str, str]
+) -> Path:
+    """manifest.json: every image on disk of this run, plus entries of earlier runs still on disk.
+
+    Rank manifests (of this launched run, or of an earlier one that was killed) are merged in and
+    then removed.
+    """
+    path = out / MANIFEST_FILE
+    entries: dict[str, dict[str, str]] = {}
+    if path.is_file():
+        entries = _read_entries(out, path)
+    rank_files = sorted(out.glob(RANK_MANIFEST_GLOB))
+    for rank_file in rank_files:
+        entries.update(_read_entries(out, rank_file))
+    entries.update(_job_entries(out, jobs))
     grids = sorted(p.relative_to(out).as_posix() for p in (out / "grids").glob("*.png"))
     out.mkdir(parents=True, exist_ok=True)
     _write_json(
@@ -406,11 +525,13 @@ def _write_manifest(
             "grids": grids,
         },
     )
+    for rank_file in rank_files:
+        rank_file.unlink(missing_ok=True)
     return path
 
 
 def _write_grids(
-    rows: list[PromptRow],
+    rows: list[tuple[int, PromptRow]],
     jobs: list[_Job],
     out: Path,
     common: dict[str, str],
@@ -422,7 +543,7 @@ def _write_grids(
         by_row.setdefault(job.row.case, []).append(job)
     caption = f"model {common['model']} · edit {Path(edit_fields['edit']).name} ({edit_fields['edit_sha256'][:12]})"
     written = []
-    for row in rows:
+    for _, row in rows:
         row_jobs = by_row[row.case]
         path = out / "grids" / f"{file_stem(row.case)}.png"
         written.append(path)

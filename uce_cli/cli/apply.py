@@ -17,6 +17,7 @@ from uce_cli.cli.merge import (
     chosen_formats,
 )
 from uce_cli.console import RichProgress, err, out, plural, silence_third_party
+from uce_cli.distributed import init_ranks, launched_rank, launched_world
 from uce_cli.errors import OutputError
 from uce_cli.hub import check_hub_model
 from uce_cli.modelspec import is_hub_id
@@ -116,6 +117,15 @@ def apply(
     plan = plan_recipe(recipe, out_dir)
     if model is not None:
         override_model(plan, model)
+    # Under `accelerate launch` an edit is seconds of work on rank 0; only the debias loop's
+    # sampling (`alphas: auto`) is split across the ranks.
+    world, rank = launched_world(), launched_rank()
+    together = world > 1 and plan.loop is not None and not dry_run
+    if world > 1 and not together:
+        if rank != 0:
+            err.print(f"rank {rank}/{world}: uce apply runs on rank 0 only — nothing to do here")
+            return
+        err.print(f"rank 0/{world}: uce apply is one process — running on rank 0 only")
     # --format replaces output.formats
     plan.formats = chosen_formats(formats, plan.formats, lora_rank)
     if dry_run:
@@ -134,7 +144,13 @@ def apply(
     from uce_cli.runner import run_apply
 
     silence_third_party()
-    with RichProgress(enabled=not quiet) as progress:
+    ranks = init_ranks(getattr(device, "value", device)) if together else None
+    if ranks is not None:
+        err.print(
+            f"rank {ranks.rank}/{ranks.world}: debias loop images split across {ranks.world} "
+            "processes; rank 0 solves and writes the outputs"
+        )
+    with RichProgress(enabled=not quiet and (ranks is None or ranks.main)) as progress:
 
         def on_iteration(record: dict) -> None:
             """The debias loop's live table: items, current ratios and α."""
@@ -154,7 +170,10 @@ def apply(
             lora_rank=lora_rank,
             allow_pickle=allow_pickle,
             on_iteration=on_iteration,
+            ranks=ranks,
         )
+    if result is None:  # a rank other than 0 of the debias loop: rank 0 reports
+        return
     log = result.log
     layers = log["layers"].values()
     summary = {

@@ -118,15 +118,22 @@ def eval_(
         report = existing
         report["expect"] = check_expectations(report, opened.evaluate.expect)
     else:
-        with RichProgress(enabled=not quiet) as progress:
+        from uce_cli.distributed import init_ranks
+
+        # Under `accelerate launch` the images are drawn and scored across the ranks; rank 0
+        # writes the report.
+        ranks = init_ranks(getattr(device, "value", device))
+        with RichProgress(enabled=not quiet and ranks.main) as progress:
             text = evaluate_text(opened, getattr(device, "value", device), batch_size, progress)
             image_part = None
             if images or samples is not None:
                 from uce_cli.evalimages import evaluate_images
 
                 image_part = evaluate_images(
-                    opened, samples, limit, getattr(device, "value", device), progress
+                    opened, samples, limit, getattr(device, "value", device), progress, ranks
                 )
+        if not ranks.main:
+            return
         report = build_report(opened, text, image_part)
         if plots:
             from uce_cli.evalplots import write_plots

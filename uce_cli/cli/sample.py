@@ -148,6 +148,9 @@ def sample(
     Images, grids and manifest.json go to --out; images already there are skipped, so a rerun
     resumes. Every PNG carries prompt, seed, model and edit hash as PNG text.
 
+    Under `accelerate launch` the prompts are split across the processes (row i to rank
+    i % processes); every image is the one a single process would draw.
+
     Example: uce sample --edit runs/quickstart --compare --prompt "painting by Kelly Mckernan"
     """
     # Usage errors (exit 2) are raised here, outside the library-error boundary of _run.
@@ -203,6 +206,7 @@ def _run(
 ) -> None:
     """Read the prompts, sample, render the result."""
     check_sample_out(out_dir)  # before torch is imported: a wrong --out fails at once
+    from uce_cli.distributed import init_ranks
     from uce_cli.prompts import prompts_from_text, read_prompts_csv
     from uce_cli.sample import SampleOptions, run_sample
 
@@ -210,14 +214,19 @@ def _run(
         rows = read_prompts_csv(prompts_file, limit, allow_empty)
     else:
         rows = prompts_from_text(prompts[:limit], allow_empty)
+    ranks = init_ranks(options["device"])
     try:
-        with RichProgress(enabled=not quiet) as progress:
+        with RichProgress(enabled=not quiet and ranks.main) as progress:
             result = run_sample(
-                rows, out_dir, model, edit, compare, SampleOptions(**options), progress
+                rows, out_dir, model, edit, compare, SampleOptions(**options), progress, ranks
             )
     except KeyboardInterrupt:
         print_error(f"interrupted — the images already written stay in {out_dir}; rerun to resume")
         raise typer.Exit(130) from None
+    if result.share is not None:
+        err.print(result.share.line(), highlight=False)
+    if not ranks.main:
+        return  # rank 0 reports the whole run
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     per_image = result.seconds_per_image
