@@ -82,3 +82,25 @@ def erased_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
     """A private, writable copy of the tiny model."""
     return Path(shutil.copytree(tiny_model, tmp_path / "model-copy"))
+
+
+class PlainEncoder:
+    """The tiny model's tokenizer and text encoder, used the plain way the published scripts use
+    them (pad to 77, no attention mask), for float64 references written independently of uce."""
+
+    def __init__(self, model: Path) -> None:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tok = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+        self.enc = CLIPTextModel.from_pretrained(str(model / "text_encoder")).eval()
+
+    def embed(self, texts: list[str]) -> tuple[object, list[int]]:
+        """((N, 77, d) float64 hidden states, the last word token's index f of each text)."""
+        import torch
+
+        ids = self.tok(
+            texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            hidden = self.enc(ids.input_ids)[0].double()
+        return hidden, [int(n) - 2 for n in ids.attention_mask.sum(1)]

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from tests.conftest import write_recipe
+from tests.conftest import PlainEncoder, write_recipe
 from uce_cli.errors import RecipeError, UceError
 from uce_cli.plan import plan_recipe
 from uce_cli.runner import run_apply
@@ -34,7 +33,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-class Published:
+class Published(PlainEncoder):
     """float64 transcription of paper-era train_debias.py's edit_model (one pass, given weights).
 
     Per layer: for each edit prompt, encode [prompt] + attribute prompts, take positions
@@ -43,17 +42,6 @@ class Published:
     mat1 += Σ T cᵀ, mat2 += Σ c cᵀ; then every retain text with all 77 positions at
     ``preserve_scale``; W ← mat1·mat2⁻¹.
     """
-
-    def __init__(self, model: Path) -> None:
-        self.tok = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
-        self.enc = CLIPTextModel.from_pretrained(str(model / "text_encoder")).eval()
-
-    @torch.no_grad()
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        ids = self.tok(
-            texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        )
-        return self.enc(ids.input_ids)[0].double(), [int(n) - 2 for n in ids.attention_mask.sum(1)]
 
     def layer(
         self,

@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from tests.conftest import write_recipe
+from tests.conftest import PlainEncoder, write_recipe
 from uce_cli.errors import SolveError
 from uce_cli.plan import plan_recipe
 from uce_cli.runner import run_apply
@@ -43,20 +42,8 @@ def kv_weights(folder: Path) -> dict[str, torch.Tensor]:
         }
 
 
-class Reference:
+class Reference(PlainEncoder):
     """Plain float64 UCE (docs/design.md), one pair at a time, per layer."""
-
-    def __init__(self, model: Path) -> None:
-        self.tok = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
-        self.enc = CLIPTextModel.from_pretrained(str(model / "text_encoder")).eval()
-
-    @torch.no_grad()
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        ids = self.tok(
-            texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        )
-        hidden = self.enc(ids.input_ids)[0].double()
-        return hidden, [int(n) - 2 for n in ids.attention_mask.sum(1)]
 
     def vectors(self, source: str, targets: list[tuple[str, float]], mode: str):  # noqa: ANN201
         hidden, f = self.embed([source] + [t for t, _ in targets])
