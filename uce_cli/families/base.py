@@ -1,0 +1,170 @@
+"""What a model family tells the rest of uce: how to detect it, turn prompts into the vectors its
+editable layers read, which weights are editable, and the key names of its single-file and LoRA
+layouts.
+
+Everything above this layer (plan → encode → statistics → solve → artifacts, and ``uce sample``)
+uses a family only through this interface. One family is one module under ``uce_cli/families/``;
+adding a family means writing one such module and listing it in ``families/__init__.py``.
+
+Vocabulary:
+
+- a **group** is one embedding that editable layers read (SD 1.x: the CLIP hidden states, 768-d;
+  FLUX: the T5 sequence into ``context_embedder`` and the pooled CLIP vector into the pooled
+  projection). The solver builds one operator per group.
+- for each prompt and group, the family reports a :class:`Tokens`: where the last word token is in
+  the sequence the layers read, and how many leading positions of that sequence the denoiser sees
+  (all 77 for CLIP families, which attend to padding; the unmasked tokens for masked families; 1
+  for a pooled vector). The alignment modes are defined on those positions only:
+  ``paper``: K = min over the pair of (seen − last_word); positions last_word … last_word+K−1 are
+  paired one to one; a preserve prompt contributes positions 0 … seen−1.
+  ``last-token``: one vector per prompt, at last_word.
+  For CLIP families (seen = 77 for every prompt) this is exactly the published K = 77 − max f.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Group:
+    """One embedding that editable layers read; the solver builds one operator per group."""
+
+    name: str  # short id used in logs, operator files and LoRA metadata, e.g. "text", "pooled"
+    width: int  # d_in of every layer of the group
+    reads: str  # one line for people: what the vectors are, e.g. "CLIP-L penultimate + bigG …"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Where a prompt's words sit in the sequence a group's layers read."""
+
+    n_tokens: int  # tokenizer tokens incl. special tokens, untruncated (for length errors)
+    last_word: int  # f(x): index of the last word token (BOS/first position for the empty prompt)
+    seen: int  # leading positions the denoiser attends to (77 for CLIP; unmasked for T5; 1 pooled)
+
+
+@dataclass(frozen=True)
+class EditableTensor:
+    """One editable weight inside the denoiser's safetensors files (headers only, nothing read)."""
+
+    key: str  # name inside the denoiser component, e.g. "down_blocks.0…attn2.to_k.weight"
+    group: str  # the Group it reads
+    file: Path
+    shape: tuple[int, int]  # (d_out, d_in)
+    dtype: str  # safetensors dtype name, e.g. "F32"
+    projection: str  # "to_k" | "to_v" | "context_embedder" | …: what `projections:` filters on
+
+
+class TextPath(ABC):
+    """Prompts → the vectors each group's layers read. Made by ``Family.text_path``.
+
+    ``encode`` must return exactly what the pipeline feeds its denoiser (tests compare it with the
+    pipeline's own ``encode_prompt``), so uce's statistics are built on the real inputs.
+    """
+
+    groups: tuple[Group, ...]
+    max_tokens: int  # longest prompt accepted, in tokens (for the error message)
+
+    @abstractmethod
+    def tokens(self, prompts: Sequence[str]) -> dict[str, dict[str, Tokens]]:
+        """group name → prompt → Tokens. Needs only the tokenizers (``--dry-run`` uses it).
+
+        Raises:
+            UceError: a prompt longer than a tokenizer accepts, naming the prompt and the
+                tokenizer (uce refuses rather than truncating, which would move the anchor token).
+        """
+
+    @abstractmethod
+    def encode(
+        self, prompts: Sequence[str], padding: str = "max_length"
+    ) -> dict[str, torch.Tensor]:
+        """group name → (B, L, d) on the encoder's device; rows ≥ Tokens.seen are ignored.
+
+        ``padding="longest"`` may shorten L to the batch's longest prompt where the family's
+        encoders are causal (CLIP) — positions ≤ last_word are then unchanged; a family whose
+        encoder is not causal (T5) ignores it and pads as its pipeline does.
+        """
+
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Drop the encoders' weights (called once statistics are collected)."""
+
+
+class Family(ABC):
+    """One model family, bound to one local diffusers folder (``root``)."""
+
+    name: ClassVar[str]  # "sd1", "sd2", "sdxl", "pixart", "sana", "flux", "sd3"
+    label: ClassVar[str]  # for people: "Stable Diffusion XL"
+    edits: ClassVar[str]  # what is edited, honestly: "cross-attention keys/values", …
+    denoiser: ClassVar[str]  # the component holding the editable weights: "unet" | "transformer"
+    pipeline_prefixes: ClassVar[tuple[str, ...]]  # model_index _class_name prefixes it claims
+
+    def __init__(self, root: Path, index: dict[str, Any]) -> None:
+        self.root = root
+        self.index = index
+
+    @classmethod
+    def claims(cls, index: dict[str, Any]) -> bool:
+        """True when a model_index.json is this family's (by pipeline class and components)."""
+        name = str(index.get("_class_name") or "")
+        return any(name.startswith(p) for p in cls.pipeline_prefixes)
+
+    @abstractmethod
+    def check_components(self) -> None:
+        """Raise ModelError naming the folder and the missing/unexpected component."""
+
+    @abstractmethod
+    def group_of(self, key: str) -> tuple[str, str] | None:
+        """(group, projection) of an editable denoiser key, or None for every other tensor."""
+
+    @abstractmethod
+    def groups(self) -> tuple[Group, ...]:
+        """The groups, read from the configs (no weights)."""
+
+    @abstractmethod
+    def text_path(self, device: torch.device | None, dtype: torch.dtype | None) -> TextPath:
+        """Tokenizers and (when device is not None) encoders; device None: tokenizers only."""
+
+    @abstractmethod
+    def text_encoder_files(self) -> list[Path]:
+        """Every text-encoder weight file the edit depends on (hashed into the edit's identity)."""
+
+    def order(self, key: str) -> tuple:
+        """Sort key for editable tensors: the denoiser's own order (tables read top to bottom)."""
+        return tuple(int(x) if x.isdigit() else x for x in key.split("."))
+
+    # --- third-party layouts; None where the family has none (the format is then refused) ----
+    def kohya_name(self, key: str) -> str | None:
+        """kohya LoRA module name of an editable key (``lora_unet_…``), or None if unsupported."""
+        return None
+
+    def single_file(self) -> SingleFileLayout | None:
+        """The A1111/ComfyUI single-file layout, or None when uce does not write one."""
+        return None
+
+
+class SingleFileLayout(ABC):
+    """Key names of a family's single-file (LDM/A1111/ComfyUI) checkpoint."""
+
+    @abstractmethod
+    def claims(self, keys: Sequence[str]) -> bool:
+        """True when a single file's tensor keys are this family's layout."""
+
+    @abstractmethod
+    def editable_names(self, keys: Sequence[str]) -> dict[str, str]:
+        """{single-file key: diffusers denoiser key} for every editable tensor among ``keys``."""
+
+    @abstractmethod
+    def to_single_file(self, root: Path) -> dict[str, dict[str, str]]:
+        """component → {diffusers key: single-file key} for a whole pipeline folder."""
+
+    @abstractmethod
+    def config_source(self, keys: Sequence[str]) -> str:
+        """The hub id (or builtin) whose configs rebuild a diffusers folder from this file."""
