@@ -104,3 +104,11 @@ class PlainEncoder:
         with torch.no_grad():
             hidden = self.enc(ids.input_ids)[0].double()
         return hidden, [int(n) - 2 for n in ids.attention_mask.sum(1)]
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL diffusers folder (seed 0), read-only by convention: copy it to modify it."""
+    from uce_cli.tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("base-sdxl") / "tiny-sdxl", seed=0)
