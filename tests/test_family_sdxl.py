@@ -150,6 +150,8 @@ def test_groups_and_editable_keys(tiny_sdxl: Path, pipe: object) -> None:
     assert sum(g == ("text", "to_k") for g in editable.values()) == 17
     assert sum(g == ("text", "to_v") for g in editable.values()) == 17
     assert editable[POOLED_KEY] == ("pooled", "add_embedding")
+    assert family.columns_of(POOLED_KEY) == (0, 40)
+    assert {family.columns_of(k) for k in editable if k != POOLED_KEY} == {None}
     assert (
         family.group_of("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight") is None
     )

@@ -61,6 +61,10 @@ class EditableTensor:
     shape: tuple[int, int]  # (d_out, d_in)
     dtype: str  # safetensors dtype name, e.g. "F32"
     projection: str  # "to_k" | "to_v" | "context_embedder" | …: what `projections:` filters on
+    # The d_in columns the group reads, (start, stop), when the layer also reads something else
+    # (SDXL's add_embedding.linear_1: pooled text, then time ids). Only W[:, start:stop] is
+    # edited, with the group's operator; the other columns stay as they are. None: all columns.
+    columns: tuple[int, int] | None = None
 
 
 class TextPath(ABC):
@@ -135,6 +139,10 @@ class Family(ABC):
     @abstractmethod
     def text_encoder_files(self) -> list[Path]:
         """Every text-encoder weight file the edit depends on (hashed into the edit's identity)."""
+
+    def columns_of(self, key: str) -> tuple[int, int] | None:
+        """The columns of an editable key its group reads (``EditableTensor.columns``); None: all."""
+        return None
 
     def order(self, key: str) -> tuple:
         """Sort key for editable tensors: the denoiser's own order (tables read top to bottom)."""

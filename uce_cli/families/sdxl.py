@@ -251,9 +251,9 @@ class SdxlFamily(Family):
             return ("pooled", "add_embedding")
         return None
 
-    def pooled_columns(self) -> tuple[int, int]:
-        """Columns of add_embedding.linear_1 that read the pooled text vector: ``(0, d2')``."""
-        return (0, self.groups()[1].width)
+    def columns_of(self, key: str) -> tuple[int, int] | None:
+        """add_embedding.linear_1: its first d2' columns read the pooled text (the rest, time ids)."""
+        return (0, self.groups()[1].width) if key == POOLED_KEY else None
 
     def groups(self) -> tuple[Group, ...]:
         """``text`` (d1 + d2, checked against the UNet's cross_attention_dim) and ``pooled`` (d2')."""
