@@ -131,30 +131,32 @@ class SdxlTextPath(TextPath):
     def tokens(self, prompts: Sequence[str]) -> dict[str, dict[str, Tokens]]:
         """Tokens on what the UNet sees: 77 positions of the concatenated states; 1 pooled vector.
 
+        Both tokenizers share SDXL's BPE, so a prompt has one count; a prompt longer than both
+        read is left to the caller, which refuses it naming its recipe section.
+
         Raises:
-            UceError: a prompt longer than either tokenizer reads (naming it), or the two
-                tokenizers count a prompt differently (their positions would not line up).
+            UceError: the two tokenizers count a prompt differently (their positions would not
+                line up), naming both counts and the tokenizer(s) it is too long for.
         """
         counts = self.token_counts(prompts)
-        for (tok_dir, _, encoder), tok, n_of in zip(
-            TOKENIZERS, self.tokenizers, counts, strict=True
-        ):
-            too_long = [p for p in prompts if n_of[p] > tok.model_max_length]
-            if too_long:
-                p = too_long[0]
-                more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
-                raise UceError(
-                    f"prompt '{_shown(p)}' has {n_of[p]} tokens in {tok_dir} ({encoder}), more than "
-                    f"its {tok.model_max_length}{more} — shorten it (uce refuses rather than truncating, "
-                    "which would move the token the edit is anchored on)"
+        # the longest first: a prompt too long for one tokenizer is the one worth naming
+        for p in sorted(prompts, key=lambda p: -max(counts[0][p], counts[1][p])):
+            if counts[0][p] == counts[1][p]:
+                continue
+            over = [
+                f"{tok_dir} ({encoder}) reads {tok.model_max_length}"
+                for (tok_dir, _, encoder), tok, n_of in zip(
+                    TOKENIZERS, self.tokenizers, counts, strict=True
                 )
-        for p in prompts:
-            if counts[0][p] != counts[1][p]:
-                raise UceError(
-                    f"prompt '{_shown(p)}' has {counts[0][p]} tokens in tokenizer and {counts[1][p]} in "
-                    "tokenizer_2 — uce pairs positions of the concatenated embeddings and needs both "
-                    "tokenizers to split the prompt alike (SDXL's share one BPE vocabulary)"
-                )
+                if n_of[p] > tok.model_max_length
+            ]
+            too_long = f" — too long: {'; '.join(over)} tokens" if over else ""
+            raise UceError(
+                f"prompt '{_shown(p)}' has {counts[0][p]} tokens in tokenizer and {counts[1][p]} "
+                f"in tokenizer_2{too_long} — uce pairs positions of the concatenated embeddings "
+                "and needs both tokenizers to split the prompt alike (SDXL's share one BPE "
+                "vocabulary; uce refuses rather than truncating)"
+            )
         seen = self.max_tokens
         out: dict[str, dict[str, Tokens]] = {}
         for group in self.groups:
