@@ -280,3 +280,42 @@ def test_lora_loads_with_load_lora_weights(
     for key, w in new.items():
         assert torch.allclose(got[key], w, atol=1e-6), key
     assert torch.equal(got[POOLED_KEY][:, 40:], base[POOLED_KEY][:, 40:])  # time-id columns
+
+
+def test_single_file_converts_back_to_the_same_folder(
+    tiny_sdxl: Path, pipe: object, tmp_path: Path
+) -> None:
+    """convert(write(folder)) gives the folder's tensors back (bigG's q/k/v split, projection
+    transposed back, VAE attention 2-D again), and editable_key names the written keys."""
+    from diffusers import StableDiffusionXLPipeline
+
+    family = _family(tiny_sdxl)
+    layout = family.single_file()
+    new = _edited(pipe, family)
+    path = tmp_path / "sdxl.safetensors"
+    layout.write(path, tiny_sdxl, new, {"config": str(tiny_sdxl)})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118
+        for key, w in new.items():
+            assert torch.equal(f.get_tensor(layout.editable_key(key, keys)), w)
+    dest = tmp_path / "converted"
+    layout.convert(path, tiny_sdxl, dest)
+    back = StableDiffusionXLPipeline.from_pretrained(dest)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want = getattr(pipe, component).state_dict()
+        got = getattr(back, component).state_dict()
+        for key, tensor in want.items():
+            expected = new.get(key, tensor) if component == "unet" else tensor
+            assert torch.equal(got[key], expected), (component, key)
+    assert back.tokenizer_2.pad_token == "!"
+
+
+def test_single_file_missing_tensor_is_named(tiny_sdxl: Path, pipe: object, tmp_path: Path) -> None:
+    state = single_file_state(tiny_sdxl, {})
+    del state["conditioner.embedders.1.model.ln_final.weight"]
+    path = tmp_path / "broken.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelError, match=r"'conditioner\.embedders\.1\.model\.ln_final\.weight' "):
+        _family(tiny_sdxl).single_file().convert(path, tiny_sdxl, tmp_path / "out")

@@ -23,21 +23,26 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from uce_cli.errors import ModelError
 from uce_cli.families.base import SingleFileLayout
 from uce_cli.singlefile import (
     is_vae_attn_matrix,
     kv_key_from_ldm,
+    kv_key_to_ldm,
     ldm_stride,
+    read_header,
     unet_key_to_ldm,
     vae_key_to_ldm,
 )
+from uce_cli.tensorfile import SavedFile, save_tensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -71,6 +76,8 @@ _WEIGHTS = (
     ("text_encoder", "model"),
     ("text_encoder_2", "model"),
 )
+# What a converted folder takes from the config folder besides the weights.
+_CONFIG_COMPONENTS = (*(c for c, _ in _WEIGHTS), "tokenizer", "tokenizer_2", "scheduler")
 
 
 def unet_key_to_sgm(key: str, stride: int, up_has_attention: Sequence[bool] = ()) -> str:
@@ -117,6 +124,26 @@ def _tensors(folder: Path, stem: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+def _namer(root: Path) -> Callable[[str, str], str]:
+    """(component, diffusers key) → single-file key, for the folder (or config folder) ``root``."""
+    unet_cfg = json.loads((root / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((root / "vae" / "config.json").read_text())
+    stride = int(unet_cfg["layers_per_block"]) + 1
+    up_attn = ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
+    n_vae = len(vae_cfg["block_out_channels"])
+
+    def name(component: str, key: str) -> str:
+        if component == "unet":
+            return UNET_PREFIX + unet_key_to_sgm(key, stride, up_attn)
+        if component == "vae":
+            return VAE_PREFIX + vae_key_to_ldm(key, n_vae)
+        if component == "text_encoder":
+            return CLIP_L_PREFIX + "text_model." + key.removeprefix("text_model.")
+        return BIG_G_PREFIX + big_g_key(key)
+
+    return name
+
+
 def single_file_state(root: Path, new_unet: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The whole SDXL pipeline at ``root`` as one SGM-named state dict, with edited UNet tensors.
 
@@ -124,42 +151,28 @@ def single_file_state(root: Path, new_unet: dict[str, torch.Tensor]) -> dict[str
         root: a diffusers SDXL folder (safetensors weights).
         new_unet: diffusers UNet key → edited tensor (full shape); the rest is copied unchanged.
     """
-    unet_cfg = json.loads((root / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((root / "vae" / "config.json").read_text())
-    stride = int(unet_cfg["layers_per_block"]) + 1
-    up_attn = ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
-    n_vae = len(vae_cfg["block_out_channels"])
+    name = _namer(root)
     state: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}  # bigG in_proj key → its q, k, v parts
     for component, stem in _WEIGHTS:
         for key, tensor in _tensors(root / component, stem):
             if key.endswith("position_ids"):
                 continue
+            single = name(component, key)
             if component == "unet":
-                state[UNET_PREFIX + unet_key_to_sgm(key, stride, up_attn)] = new_unet.get(
-                    key, tensor
-                )
-            elif component == "vae":
-                name = VAE_PREFIX + vae_key_to_ldm(key, n_vae)
-                state[name] = (
-                    tensor.reshape(*tensor.shape, 1, 1)
-                    if is_vae_attn_matrix(name) and tensor.dim() == 2
-                    else tensor
-                )
-            elif component == "text_encoder":
-                state[CLIP_L_PREFIX + "text_model." + key.removeprefix("text_model.")] = tensor
-            elif (m := _QKV.match(key)) is not None:
-                qkv.setdefault(BIG_G_PREFIX + big_g_key(key), {})[m[2]] = tensor
-            elif key == "text_projection.weight":
-                state[BIG_G_PREFIX + "text_projection"] = (
-                    tensor.T.contiguous()
-                )  # (hidden, projection)
+                state[single] = new_unet.get(key, tensor)
+            elif component == "vae" and is_vae_attn_matrix(single) and tensor.dim() == 2:
+                state[single] = tensor.reshape(*tensor.shape, 1, 1)  # LDM: 1×1 convolutions
+            elif component == "text_encoder_2" and (m := _QKV.match(key)) is not None:
+                qkv.setdefault(single, {})[m[2]] = tensor
+            elif component == "text_encoder_2" and key == "text_projection.weight":
+                state[single] = tensor.T.contiguous()  # OpenCLIP: (hidden, projection)
             else:
-                state[BIG_G_PREFIX + big_g_key(key)] = tensor
-    for name, parts in qkv.items():
+                state[single] = tensor
+    for single, parts in qkv.items():
         if sorted(parts) != ["k", "q", "v"]:
-            raise ModelError(f"{root / 'text_encoder_2'}: {name} lacks one of q/k/v projections")
-        state[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+            raise ModelError(f"{root / 'text_encoder_2'}: {single} lacks one of q/k/v projections")
+        state[single] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # (3·d, d)
     return state
 
 
@@ -184,27 +197,101 @@ class SdxlSingleFile(SingleFileLayout):
 
     def to_single_file(self, root: Path) -> dict[str, dict[str, str]]:
         """component → {diffusers key: single-file key}; bigG's q/k/v all name their stacked in_proj."""
-        unet_cfg = json.loads((root / "unet" / "config.json").read_text())
-        vae_cfg = json.loads((root / "vae" / "config.json").read_text())
-        stride = int(unet_cfg["layers_per_block"]) + 1
-        up_attn = ["CrossAttn" in t for t in unet_cfg["up_block_types"]]
-        names: dict[str, dict[str, str]] = {c: {} for c, _ in _WEIGHTS}
-        for component, stem in _WEIGHTS:
-            for file in _weight_files(root / component, stem):
-                with safe_open(str(file), framework="pt") as f:
-                    keys = [k for k in f.keys() if not k.endswith("position_ids")]  # noqa: SIM118
-                for key in keys:
-                    if component == "unet":
-                        name = UNET_PREFIX + unet_key_to_sgm(key, stride, up_attn)
-                    elif component == "vae":
-                        name = VAE_PREFIX + vae_key_to_ldm(key, len(vae_cfg["block_out_channels"]))
-                    elif component == "text_encoder":
-                        name = CLIP_L_PREFIX + "text_model." + key.removeprefix("text_model.")
-                    else:
-                        name = BIG_G_PREFIX + big_g_key(key)
-                    names[component][key] = name
-        return names
+        name = _namer(root)
+        return {
+            component: {
+                key: name(component, key)
+                for file in _weight_files(root / component, stem)
+                for key in read_header(file)[0]
+                if not key.endswith("position_ids")
+            }
+            for component, stem in _WEIGHTS
+        }
 
     def config_source(self, keys: Sequence[str]) -> str:
         """SDXL base's configs (what diffusers itself uses for such a file)."""
         return HUB_CONFIG
+
+    def editable_key(self, key: str, keys: Sequence[str]) -> str:
+        """The single-file key of a diffusers editable key, in a file with these keys."""
+        if key == "add_embedding.linear_1.weight":
+            return UNET_PREFIX + POOLED_SGM
+        return kv_key_to_ldm(key, ldm_stride(list(keys)))
+
+    def write(
+        self, path: Path, root: Path, new: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> SavedFile:
+        """The whole pipeline at ``root`` as one SGM single file, with the edited UNet tensors."""
+        return save_tensors(single_file_state(root, new), path, metadata)
+
+    def convert(self, path: Path, config_root: Path, dest: Path) -> None:
+        """Write a diffusers folder at ``dest`` from an SDXL single file and a config folder.
+
+        Raises:
+            ModelError: a tensor the config expects is missing or has another shape (named).
+        """
+        copy_configs(config_root, dest)
+        name = _namer(config_root)
+        present = set(read_header(path)[0])
+        with safe_open(str(path), framework="pt") as f:
+            for component, stem in _WEIGHTS:
+                state: dict[str, torch.Tensor] = {}
+                for key, shape in _meta_shapes(config_root, component).items():
+                    single = name(component, key)
+                    if single not in present:
+                        raise ModelError(
+                            f"{path}: tensor '{single}' ({component} {key}) is missing — not an "
+                            "SDXL checkpoint of this pipeline's shape"
+                        )
+                    tensor = f.get_tensor(single)
+                    if m := _QKV.match(key) if component == "text_encoder_2" else None:
+                        tensor = tensor.chunk(3, dim=0)["qkv".index(m[2])]
+                    elif component == "text_encoder_2" and key == "text_projection.weight":
+                        tensor = tensor.T
+                    if tensor.numel() != torch.Size(shape).numel():
+                        raise ModelError(
+                            f"{path}: tensor '{single}' has shape {tuple(tensor.shape)}, the "
+                            f"config expects {shape}"
+                        )
+                    state[key] = tensor.reshape(shape).contiguous()
+                (dest / component).mkdir(parents=True, exist_ok=True)
+                save_file(state, str(dest / component / f"{stem}.safetensors"), {"format": "pt"})
+
+
+def _meta_shapes(root: Path, component: str) -> dict[str, tuple[int, ...]]:
+    """A component's diffusers keys and shapes from its config alone (meta tensors)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = root / component
+    with torch.device("meta"):
+        if component == "unet":
+            model = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+        elif component == "vae":
+            model = AutoencoderKL.from_config(AutoencoderKL.load_config(folder))
+        else:
+            cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
+            model = cls(CLIPTextConfig.from_pretrained(folder))
+    return {
+        k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")
+    }
+
+
+def copy_configs(config_root: Path, dest: Path) -> None:
+    """Non-weight files of the config folder's SDXL components; the others become [null, null]."""
+    index = json.loads((config_root / "model_index.json").read_text())
+    for component, value in list(index.items()):
+        if component.startswith("_") or not isinstance(value, list):
+            continue
+        if component not in _CONFIG_COMPONENTS:  # image encoder, feature extractor: not in the file
+            index[component] = [None, None]
+            continue
+        for src in (config_root / component).glob("*"):
+            if (
+                src.is_file()
+                and ".safetensors" not in src.name
+                and src.suffix not in (".bin", ".ckpt", ".pt")
+            ):
+                (dest / component).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest / component / src.name)
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
