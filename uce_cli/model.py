@@ -69,7 +69,7 @@ class BaseModelFiles:
         Raises:
             ModelError: the family has several groups (ask ``groups`` instead).
         """
-        widths = {t.group: t.shape[1] for t in self.kv}
+        widths = {t.group: t.part_width for t in self.kv}
         if len(widths) != 1:
             raise ModelError(
                 f"{self.spec}: its editable layers read {len(widths)} embeddings "
@@ -174,7 +174,7 @@ def open_model(
                     tensors.append(
                         EditableTensor(
                             key, found[0], path, (int(shape[0]), int(shape[1])), sl.get_dtype(),
-                            found[1],
+                            found[1], family.columns_of(key),
                         )
                     )  # fmt: skip
         except Exception as exc:  # safetensors raises SafetensorError on a corrupt header
@@ -187,7 +187,7 @@ def open_model(
             f"{family.edits}) — uce edits text-conditioned {family.denoiser}s"
         )
     for group in {t.group for t in tensors}:
-        widths = {t.shape[1] for t in tensors if t.group == group}
+        widths = {t.part_width for t in tensors if t.group == group}
         if len(widths) != 1:
             raise ModelError(
                 f"cross-attention layers read embeddings of several widths {sorted(widths)}"

@@ -177,8 +177,9 @@ def open_stage(
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
+    keys = [t.key for t in model.kv if t.projection in plan.projections]
     if plan.loop is not None:
-        if len(model.groups) != 1:
+        if len({t.group for t in model.kv if t.key in keys}) != 1:
             raise UceError(
                 f"the debias loop (alphas: auto) runs on one-group families; {model.family.label} "
                 "has several — give the alphas explicitly"
@@ -191,7 +192,6 @@ def open_stage(
     # key, the operator/LoRA metadata and the edit log all use it; the base k/v weights' content
     # hash names the base in delta/LoRA files (uce merge checks it). Hashing releases the GIL, so
     # both run beside the encoder's loading.
-    keys = [t.key for t in model.kv if t.projection in plan.projections]
     pipe = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
@@ -239,7 +239,9 @@ def statistics_stage(
     )
     if opened.pipe is None:  # the loop's pipeline keeps its encoder; otherwise it is done
         opened.text_path.release()
-    return stats, counts, status
+    # a group none of whose layers the plan's projections select is not edited (SDXL's pooled)
+    edited = {t.group for t in opened.model.kv if t.key in set(opened.keys)}
+    return {g: s for g, s in stats.items() if g in edited}, counts, status
 
 
 def solve_stage(
@@ -269,16 +271,18 @@ def solve_stage(
         return Solved(old, loop.weights, ks, loop.metrics, loop.record)
     progress.start("solve")
     files = kv_files(model)
+    tensor_of = {t.key: t for t in model.kv}
     group_of = {t.key: t.group for t in model.kv}
     new: dict[str, torch.Tensor] = {}
     ks: dict[str, torch.Tensor] = {}
     metrics: dict[str, dict[str, float]] = {}
     for group, group_stats in stats.items():
-        weights = {key: w for key, w in old.items() if group_of[key] == group}
+        # a layer that reads the group in some of its columns is solved on those columns only
+        weights = {key: tensor_of[key].part(w) for key, w in old.items() if group_of[key] == group}
         if not weights:
             continue
         new_g, k, metrics_g = solve_edit(weights, group_stats, scales, files)
-        new.update(new_g)
+        new.update({key: tensor_of[key].whole(old[key], w) for key, w in new_g.items()})
         metrics.update(metrics_g)
         if k is not None:
             ks[group] = k

@@ -68,6 +68,23 @@ class EditableTensor:
     # edited, with the group's operator; the other columns stay as they are. None: all columns.
     columns: tuple[int, int] | None = None
 
+    @property
+    def part_width(self) -> int:
+        """d_in of the edited part: the group's width."""
+        return self.shape[1] if self.columns is None else self.columns[1] - self.columns[0]
+
+    def part(self, w: torch.Tensor) -> torch.Tensor:
+        """The edited part of the full weight ``w``: its ``columns`` (a view), or all of it."""
+        return w if self.columns is None else w[:, self.columns[0] : self.columns[1]]
+
+    def whole(self, w_old: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """The full weight: ``w_old`` with its edited columns replaced by ``part`` (a new tensor)."""
+        if self.columns is None:
+            return part
+        w = w_old.clone()
+        w[:, self.columns[0] : self.columns[1]] = part
+        return w
+
 
 class TextPath(ABC):
     """Prompts → the vectors each group's layers read. Made by ``Family.text_path``.

@@ -28,10 +28,11 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uce_cli.errors import ModelError, UceError
 from uce_cli.families.base import Family, Group, SingleFileLayout, TextPath, Tokens
+from uce_cli.weights import weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -72,47 +73,45 @@ class SdxlTextPath(TextPath):
     """Both tokenizers (and, for encoding, both encoders) of one SDXL folder."""
 
     def __init__(
-        self,
+        self, tokenizers: list[Any], encoders: list[Any], groups: tuple[Group, ...]
+    ) -> None:
+        """Both tokenizers, and both encoders (CLIP-L, bigG) or none (tokens only)."""
+        self.groups = groups
+        self.tokenizers = tokenizers
+        self.encoders = encoders
+        lengths = [t.model_max_length for t in tokenizers]
+        if lengths[0] != lengths[1]:
+            raise ModelError(
+                f"tokenizer reads {lengths[0]} tokens, tokenizer_2 {lengths[1]} — SDXL "
+                "concatenates both encoders per position and needs the same length"
+            )
+        self.max_tokens = int(lengths[0])
+
+    @classmethod
+    def load(
+        cls,
         root: Path,
         groups: tuple[Group, ...],
         device: torch.device | None,
         dtype: torch.dtype | None,
-    ) -> None:
-        from transformers import CLIPTokenizer
+    ) -> SdxlTextPath:
+        """From a folder: both tokenizers; with a device, both encoders (safetensors) on it."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        self.groups = groups
-        self.root = root
-        self.tokenizers = []
-        for tok_dir, _, _ in TOKENIZERS:
+        tokenizers, encoders = [], []
+        for (tok_dir, enc_dir, _), enc_cls in zip(
+            TOKENIZERS, (CLIPTextModel, CLIPTextModelWithProjection), strict=True
+        ):
             try:
-                self.tokenizers.append(CLIPTokenizer.from_pretrained(str(root / tok_dir)))
+                tokenizers.append(CLIPTokenizer.from_pretrained(str(root / tok_dir)))
+                if device is not None:
+                    encoder = enc_cls.from_pretrained(
+                        str(root / enc_dir), use_safetensors=True, dtype=dtype
+                    )
+                    encoders.append(encoder.to(device).eval().requires_grad_(False))
             except Exception as exc:  # transformers raises OSError/ValueError on broken folders
-                raise ModelError(f"cannot load {root / tok_dir}: {exc}") from None
-        lengths = [t.model_max_length for t in self.tokenizers]
-        if lengths[0] != lengths[1]:
-            raise ModelError(
-                f"{root}: tokenizer reads {lengths[0]} tokens, tokenizer_2 {lengths[1]} — SDXL "
-                "concatenates both encoders per position and needs the same length"
-            )
-        self.max_tokens = lengths[0]
-        self.encoders: list[Any] = []
-        if device is not None:
-            self.encoders = [
-                self._load(enc_dir, i, device, dtype)
-                for i, (_, enc_dir, _) in enumerate(TOKENIZERS)
-            ]
-
-    def _load(self, enc_dir: str, i: int, device: torch.device, dtype: torch.dtype | None) -> Any:
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        cls = CLIPTextModel if i == 0 else CLIPTextModelWithProjection
-        try:
-            encoder = cls.from_pretrained(
-                str(self.root / enc_dir), use_safetensors=True, dtype=dtype
-            )
-        except Exception as exc:  # transformers raises OSError/ValueError/etc. on broken folders
-            raise ModelError(f"cannot load {self.root / enc_dir}: {exc}") from None
-        return encoder.to(device).eval().requires_grad_(False)
+                raise ModelError(f"cannot load {root}'s {tok_dir}/{enc_dir}: {exc}") from None
+        return cls(tokenizers, encoders, groups)
 
     def token_counts(self, prompts: Sequence[str]) -> list[dict[str, int]]:
         """Per tokenizer: prompt → token count incl. BOS/EOS, untruncated."""
@@ -214,6 +213,7 @@ class SdxlFamily(Family):
 
     name = "sdxl"
     label = "Stable Diffusion XL"
+    pipelines: ClassVar[str] = "Stable Diffusion XL pipelines (two CLIP text encoders)"
     edits = "cross-attention keys/values (and, if asked, the text columns of add_embedding)"
     denoiser = "unet"
     pipeline_prefixes = ("StableDiffusionXL",)
@@ -294,22 +294,23 @@ class SdxlFamily(Family):
 
     def text_path(self, device: torch.device | None, dtype: torch.dtype | None) -> TextPath:
         """Both tokenizers; with a device, both encoders too."""
-        return SdxlTextPath(self.root, self.groups(), device, dtype)
+        if device is not None:
+            self.text_encoder_files()  # refuses pickle-only folders with a clear message
+        return SdxlTextPath.load(self.root, self.groups(), device, dtype)
+
+    def text_path_of(self, pipe: Any) -> TextPath | None:
+        """The loaded pipeline's own tokenizers and encoders."""
+        return SdxlTextPath(
+            [pipe.tokenizer, pipe.tokenizer_2],
+            [pipe.text_encoder, pipe.text_encoder_2],
+            self.groups(),
+        )
 
     def text_encoder_files(self) -> list[Path]:
-        """Both encoders' safetensors files (sharded or not)."""
-        files: list[Path] = []
-        for _, enc_dir, _ in TOKENIZERS:
-            folder = self.root / enc_dir
-            index = folder / "model.safetensors.index.json"
-            if index.is_file():
-                shards = _read_json(index).get("weight_map", {}).values()
-                files += [folder / s for s in sorted(set(shards))]
-            elif (folder / "model.safetensors").is_file():
-                files.append(folder / "model.safetensors")
-            else:
-                raise ModelError(f"{folder} has no model.safetensors — uce reads safetensors only")
-        return files
+        """Both encoders' safetensors files (pickle-only folders are refused)."""
+        return [
+            f for _, enc_dir, _ in TOKENIZERS for f in weight_files(self.root / enc_dir, "model")
+        ]
 
     def order(self, key: str) -> tuple:
         """down → mid → up (numerically), then add_embedding."""
@@ -330,7 +331,8 @@ class SdxlFamily(Family):
             ".", "_"
         )
 
-    def single_file(self) -> SingleFileLayout | None:
+    @classmethod
+    def single_file_layout(cls) -> SingleFileLayout | None:
         """The SGM layout of SDXL single files (A1111, ComfyUI, sd_xl_base_1.0.safetensors)."""
         from uce_cli.families.sdxl_layout import SdxlSingleFile
 

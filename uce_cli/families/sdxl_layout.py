@@ -33,16 +33,16 @@ from safetensors.torch import save_file
 
 from uce_cli.errors import ModelError
 from uce_cli.families.base import SingleFileLayout
-from uce_cli.singlefile import (
+from uce_cli.families.sd_singlefile import (
     is_vae_attn_matrix,
     kv_key_from_ldm,
     kv_key_to_ldm,
     ldm_stride,
-    read_header,
     unet_key_to_ldm,
     vae_key_to_ldm,
 )
 from uce_cli.tensorfile import SavedFile, save_tensors
+from uce_cli.weights import read_header
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

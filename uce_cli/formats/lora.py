@@ -7,7 +7,13 @@ its float64 SVD. Two key layouts, both loaded by diffusers' ``pipe.load_lora_wei
 - ``diffusers`` (PEFT): ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``; no alpha, so the
   scale is 1 (diffusers' convention: alpha = rank per module);
 - ``kohya`` (A1111, ComfyUI, sd-scripts): ``lora_unet_<module with _>.lora_down.weight`` /
-  ``.lora_up.weight`` / ``.alpha`` with alpha = rank, so alpha / rank = 1.
+  ``.lora_up.weight`` / ``.alpha`` (the family's module names). Every module stores alpha = 1 and
+  its up factor times its rank r, so alpha / r · up·down = ΔW. One alpha for all modules, because
+  diffusers' kohya converter (0.42) drops the per-module alphas of attention projections (it
+  names them ``…to_k_lora.down.weight.alpha``) and PEFT then scales every module by the most
+  common alpha over the module's own rank: with alpha = rank per module, every layer whose rank
+  differs from the most common one came out scaled wrongly (measured on the tiny SDXL: 0.32 max
+  error). With one alpha, honoured or dropped, the scale is 1/r and the product is ΔW.
 """
 
 from __future__ import annotations
@@ -112,8 +118,8 @@ def lora_state_dict(
             if name is None:
                 raise EditFileError(f"{denoiser}.{key} has no kohya LoRA name")
             state[f"{name}.lora_down.weight"] = f.down
-            state[f"{name}.lora_up.weight"] = f.up
-            state[f"{name}.alpha"] = torch.tensor(float(f.rank))
+            state[f"{name}.lora_up.weight"] = f.up * f.rank  # alpha / rank = 1 / rank
+            state[f"{name}.alpha"] = torch.tensor(1.0)
     return state
 
 

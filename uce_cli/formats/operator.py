@@ -167,7 +167,10 @@ def operator_weights(op: Operator, base: BaseModelFiles) -> dict[str, torch.Tens
     tensors = [t for t in base.kv if t.projection in op.projections and t.group in op.ks]
     old = base.read_kv([t.key for t in tensors])
     check_base_weights(old, kv_files(base))
-    new = {t.key: apply_operator(old[t.key], op.ks[t.group]) for t in tensors}
+    new = {
+        t.key: t.whole(old[t.key], apply_operator(t.part(old[t.key]), op.ks[t.group]))
+        for t in tensors
+    }
     for key, w in new.items():
         check_result(f"{base.denoiser}.{key}", w)
     return new
