@@ -168,7 +168,13 @@ def edited_weights(run: Run) -> tuple[dict, dict, str]:
         raise UceError(
             f"{run.path}: the edit changes {unknown[0]}, not a cross-attention k/v weight"
         )
-    return old, new, edit.sha256
+    # a layer that reads its group in some columns is measured on those (SDXL's add_embedding)
+    part = {t.key: t.part for t in base.kv}
+    return (
+        {k: part[k](w) for k, w in old.items()},
+        {k: part[k](w) for k, w in new.items()},
+        edit.sha256,
+    )
 
 
 def evaluate_text(

@@ -96,7 +96,7 @@ class BaseModelFiles:
 def resolve_model(spec: str, revision: str | None = None) -> Path:
     """Return a local diffusers folder for a model spec.
 
-    ``builtin:tiny-sd`` is built once into the cache; an existing folder is used as is; an
+    ``builtin:tiny-sd`` / ``builtin:tiny-sdxl`` are built once into the cache; an existing folder is used as is; an
     ``owner/name`` hub id is downloaded (safetensors only) into the Hugging Face cache.
 
     Raises:
@@ -104,17 +104,19 @@ def resolve_model(spec: str, revision: str | None = None) -> Path:
     """
     if spec.startswith("builtin:"):
         from uce_cli.tiny import TINY_MODEL_NAME, ensure_tiny_model
+        from uce_cli.tiny_sdxl import TINY_SDXL_NAME, ensure_tiny_sdxl
 
-        if spec != TINY_MODEL_NAME:
+        builders = {TINY_MODEL_NAME: ensure_tiny_model, TINY_SDXL_NAME: ensure_tiny_sdxl}
+        if spec not in builders:
             raise ModelError(
-                f"unknown builtin model '{spec}' — the builtin model is {TINY_MODEL_NAME}"
+                f"unknown builtin model '{spec}' — the builtin models are {', '.join(builders)}"
             )
         models = cache_folder("models")  # a clear error where the cache cannot hold it
         try:
-            return ensure_tiny_model(models.parent)
+            return builders[spec](models.parent)
         except (OSError, RuntimeError) as exc:
             raise ModelError(
-                f"cannot build {TINY_MODEL_NAME} in the uce cache {models}: {exc} — set "
+                f"cannot build {spec} in the uce cache {models}: {exc} — set "
                 "UCE_CACHE_DIR to a writable folder"
             ) from None
     path = Path(spec).expanduser()

@@ -27,7 +27,8 @@ from uce_cli.evalspec import Evaluate
 
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
-Projection = Literal["to_k", "to_v"]
+# add_embedding: SDXL's pooled text path (the text columns of add_embedding.linear_1), opt-in
+Projection = Literal["to_k", "to_v", "add_embedding"]
 AlphaScale = Literal["relative", "absolute"]
 OutputFormat = Literal["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
@@ -341,7 +342,8 @@ class Solver(_Strict):
 
 
 class Layers(_Strict):
-    """Which projections of every cross-attention block are edited."""
+    """Which projections are edited: to_k/to_v of every cross-attention block; ``add_embedding``
+    adds SDXL's pooled text path (docs/families.md)."""
 
     projections: list[Projection] = Field(default_factory=lambda: ["to_k", "to_v"], min_length=1)
 

@@ -178,6 +178,13 @@ def open_stage(
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
     keys = [t.key for t in model.kv if t.projection in plan.projections]
+    missing = [p for p in plan.projections if not any(t.projection == p for t in model.kv)]
+    if missing:
+        have = ", ".join(dict.fromkeys(t.projection for t in model.kv))
+        raise UceError(
+            f"layers.projections: {model.family.label} has no '{missing[0]}' layer (its editable "
+            f"projections: {have}) — remove it from the recipe"
+        )
     if plan.loop is not None:
         if len({t.group for t in model.kv if t.key in keys}) != 1:
             raise UceError(

@@ -173,6 +173,7 @@ def write_formats(
         [group] = {t.group for t in model.kv}
         k = {group: k}
     group_of = {t.key: t.group for t in model.kv}
+    tensor_of = {t.key: t for t in model.kv}
     if "lora-kohya" in formats and any(family.kohya_name(key) is None for key in new):
         raise EditFileError(
             f"the lora-kohya format has no layout for {family.label} — uce writes kohya LoRA keys "
@@ -206,7 +207,9 @@ def write_formats(
             w_old = old[key].to(torch.float64)
             if k is not None:  # exact: ΔW = W_old (K − I), not the difference of rounded weights
                 kg = k[group_of[key]].to(torch.float64)
-                delta = w_old @ (kg - torch.eye(kg.shape[0], dtype=torch.float64))
+                t = tensor_of[key]  # a layer read in some columns: ΔW is 0 in the others
+                part = t.part(w_old) @ (kg - torch.eye(kg.shape[0], dtype=torch.float64))
+                delta = t.whole(torch.zeros_like(w_old), part)
             else:
                 delta = w_new.to(torch.float64) - w_old
             factors[key] = factorize_delta(delta, lora_rank)
