@@ -236,7 +236,8 @@ class SdxlFamily(Family):
                 )
             if component != "scheduler" and not (self.root / component).is_dir():
                 raise ModelError(
-                    f"{self.root} has no '{component}' folder — is the download complete?"
+                    f"{self.root / component} is missing — model_index.json lists '{component}'; "
+                    "is the download complete?"
                 )
         unet = self._config("unet")
         if unet.get("addition_embed_type") != "text_time":
