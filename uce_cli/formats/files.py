@@ -14,59 +14,17 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
-from uce_cli.errors import UceError
+from uce_cli.errors import EditFileError  # noqa: F401 - re-exported for the formats
 from uce_cli.outputs import digest_of, tensor_digests
+from uce_cli.weights import (  # noqa: F401 - the pickle rules, re-exported for the formats
+    PICKLE_SUFFIXES,
+    is_pickle,
+    load_pickle,
+    refuse_pickle,
+)
 
 if TYPE_CHECKING:
     from uce_cli.model import BaseModelFiles
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-
-
-class EditFileError(UceError):
-    """An edit file (delta, LoRA, operator, checkpoint) is missing, corrupt or does not fit the base."""
-
-
-def is_pickle(path: Path) -> bool:
-    """True for the file suffixes that hold Python pickles."""
-    return path.suffix.lower() in PICKLE_SUFFIXES
-
-
-def refuse_pickle(path: Path, allow_pickle: bool) -> None:
-    """Raise unless pickle loading was allowed explicitly.
-
-    Raises:
-        EditFileError: naming the file and the flag that allows it.
-    """
-    if is_pickle(path) and not allow_pickle:
-        raise EditFileError(
-            f"{path} is a pickle file, and unpickling can run arbitrary code — convert it to "
-            ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
-        )
-
-
-def load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A pickle checkpoint's tensors, via ``torch.load(weights_only=True)``; A1111's ``state_dict`` nesting is unwrapped.
-
-    Raises:
-        EditFileError: the file cannot be unpickled safely, or holds no tensors.
-    """
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError: all mean "not usable"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EditFileError(
-            f"cannot load {path} with weights_only=True ({reason}) — the file is corrupt or not a checkpoint"
-        ) from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise EditFileError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
-    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise EditFileError(f"{path} holds no tensors")
-    # Tensors unpickled from one file may share storage; cloning makes each safe to save alone.
-    return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
 def read_metadata(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -108,31 +66,36 @@ def read_tensors(
 
 
 def text_encoder_weights_sha256(root: Path) -> str:
-    """The identity of a pipeline's text encoder: sha256 over its tensors' names, dtypes, shapes and bytes.
+    """The identity of a pipeline's text encoders: sha256 over their tensors' names, dtypes, shapes and bytes.
 
     Names are taken without transformers' optional ``text_model.`` prefix and ``position_ids`` buffers
     are skipped, so the same weights hash the same whichever library version saved them, while any
-    change of a weight (or of its dtype) changes the hash.
+    change of a weight (or of its dtype) changes the hash. Every ``text_encoder*`` folder counts
+    (SDXL, FLUX and SD 3 have several); the names of the second and later ones carry their folder,
+    so a one-encoder pipeline hashes as it always did.
     """
-    folder = root / "text_encoder"
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = [
-            folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        ]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise EditFileError(f"{folder} has no safetensors weights to identify the text encoder by")
+    folders = sorted(p for p in root.glob("text_encoder*") if p.is_dir()) or [root / "text_encoder"]
     parts: dict[str, str] = {}  # canonical name → "dtype|shape|sha256(bytes)"
-    for file in files:
-        try:
-            digests = tensor_digests(file)
-        except (OSError, ValueError, KeyError) as exc:
-            raise EditFileError(f"cannot read {file}: {exc} — the file is corrupt") from None
-        for key, description in digests.items():
-            if not key.endswith("position_ids"):
-                parts[key.removeprefix("text_model.")] = description
+    for folder in folders:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [folder / s for s in shards]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise EditFileError(
+                f"{folder} has no safetensors weights to identify the text encoder by"
+            )
+        prefix = "" if folder.name == "text_encoder" else f"{folder.name}/"
+        for file in files:
+            try:
+                digests = tensor_digests(file)
+            except (OSError, ValueError, KeyError) as exc:
+                raise EditFileError(f"cannot read {file}: {exc} — the file is corrupt") from None
+            for key, description in digests.items():
+                if not key.endswith("position_ids"):
+                    parts[prefix + key.removeprefix("text_model.")] = description
     return digest_of(parts)
 
 

@@ -7,11 +7,13 @@ its float64 SVD. Two key layouts, both loaded by diffusers' ``pipe.load_lora_wei
 - ``diffusers`` (PEFT): ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``; no alpha, so the
   scale is 1 (diffusers' convention: alpha = rank per module);
 - ``kohya`` (A1111, ComfyUI, sd-scripts): ``lora_unet_<module with _>.lora_down.weight`` /
-  ``.lora_up.weight`` / ``.alpha`` with alpha = rank, so alpha / rank = 1.
+  ``.lora_up.weight`` / ``.alpha``, one alpha (the largest rank) for every module and each up
+  factor scaled by rank / alpha, so (alpha / rank)·up·down = ΔW.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,19 +94,33 @@ def kohya_name(key: str) -> str:
 
 
 def lora_state_dict(
-    factors: dict[str, LoraFactors], layout: str, denoiser: str = "unet"
+    factors: dict[str, LoraFactors],
+    layout: str,
+    denoiser: str = "unet",
+    kohya: Callable[[str], str | None] = kohya_name,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file in the given key layout (``diffusers`` or ``kohya``)."""
+    """The tensors of a LoRA file in the given key layout (``diffusers`` or ``kohya``).
+
+    ``kohya`` names a key's kohya module (the family's ``kohya_name``).
+    """
     state: dict[str, torch.Tensor] = {}
+    # kohya scales each module by alpha / rank. One alpha for all modules (the largest rank), with
+    # each up factor scaled by rank / alpha, keeps ΔW = up·down exactly: diffusers' kohya loader
+    # mis-keys per-module alphas that differ (its alpha_pattern), which rescaled those modules.
+    alpha = max((f.rank for f in factors.values()), default=1)
     for key, f in factors.items():
         if layout == "diffusers":
             state[f"{denoiser}.{_module(key)}.lora_A.weight"] = f.down
             state[f"{denoiser}.{_module(key)}.lora_B.weight"] = f.up
         else:
-            name = kohya_name(key)
+            name = kohya(key)
+            if name is None:
+                raise EditFileError(f"{denoiser}.{key} has no kohya LoRA name")
             state[f"{name}.lora_down.weight"] = f.down
-            state[f"{name}.lora_up.weight"] = f.up
-            state[f"{name}.alpha"] = torch.tensor(float(f.rank))
+            state[f"{name}.lora_up.weight"] = (
+                f.up if f.rank == alpha else (f.up.double() * (f.rank / alpha)).float()
+            )
+            state[f"{name}.alpha"] = torch.tensor(float(alpha))
     return state
 
 
@@ -114,7 +130,10 @@ def is_lora(keys: list[str]) -> bool:
 
 
 def read_lora_deltas(
-    tensors: dict[str, torch.Tensor], kv_keys: list[str], denoiser: str = "unet"
+    tensors: dict[str, torch.Tensor],
+    kv_keys: list[str],
+    denoiser: str = "unet",
+    kohya: Callable[[str], str | None] = kohya_name,
 ) -> dict[str, torch.Tensor]:
     """ΔW (float64) per base k/v key from a LoRA state dict in either layout.
 
@@ -122,11 +141,12 @@ def read_lora_deltas(
         tensors: the LoRA file's tensors.
         kv_keys: the base model's k/v keys (kohya names are matched against them).
         denoiser: the component prefix of the diffusers layout.
+        kohya: a key's kohya module name (the family's ``kohya_name``).
 
     Raises:
         EditFileError: a LoRA module that is not a k/v projection of this base, or a missing factor.
     """
-    by_kohya = {kohya_name(k): k for k in kv_keys}
+    by_kohya = {name: k for k in kv_keys if (name := kohya(k)) is not None}
     by_module = {f"{denoiser}.{_module(k)}": k for k in kv_keys}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
