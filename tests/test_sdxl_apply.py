@@ -305,3 +305,21 @@ def test_add_embedding_is_refused_where_the_family_has_none(
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert "no 'add_embedding' layer" in line and "Stable Diffusion 1.x" in line
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_sdxl_dry_run_counts_the_edited_groups(
+    tiny_sdxl: Path, tmp_path: Path, pooled: bool
+) -> None:
+    body = EDIT if pooled else EDIT.replace(", add_embedding", "")
+    recipe = write_recipe(tmp_path, f"model: {tiny_sdxl}\n{body}")
+    result = runner.invoke(app, ["apply", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("vectors")]
+    if pooled:
+        assert lines[0].startswith("vectors (text): ") and "77 per prompt" in lines[0]
+        assert lines[1] == "vectors (pooled): 6 edit (1–1 per prompt), 2 preserve (1 per prompt)"
+    else:
+        assert (
+            len(lines) == 1 and lines[0].startswith("vectors: ") and "(77 per prompt)" in lines[0]
+        )

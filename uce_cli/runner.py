@@ -483,7 +483,7 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
                     "relative" if pair.relative else "absolute"
                 )
             shown.append(item)
-    text_path = _local_text_path(plan.model)
+    text_path = _local_text_path(plan.model, plan.projections)
     if text_path is None:
         report["vectors"] = (
             "per pair 77 − max(f(s), f(t)) (paper) / 1 (last-token); tokenizer not available locally"
@@ -521,11 +521,12 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
     return report
 
 
-def _local_text_path(model: str) -> TextPath | None:
+def _local_text_path(model: str, projections: list[str]) -> TextPath | None:
     """The model's text path (tokenizers only) if it is on disk or builtin, else None."""
     from uce_cli.families import open_family
     from uce_cli.model import read_model_index, resolve_model
     from uce_cli.modelspec import BUILTIN_PREFIX
+    from uce_cli.weights import read_header, weight_files
 
     if model.startswith(BUILTIN_PREFIX):
         root = resolve_model(model)
@@ -534,4 +535,13 @@ def _local_text_path(model: str) -> TextPath | None:
         if not (root / "model_index.json").is_file():
             return None
     family = open_family(root, read_model_index(root / "model_index.json"))
-    return family.text_path(None, None)
+    text_path = family.text_path(None, None)
+    # only the groups whose layers the projections select are edited (SDXL's pooled is opt-in)
+    edited = {
+        found[0]
+        for file in weight_files(root / family.denoiser, "diffusion_pytorch_model")
+        for key in read_header(file)[0]
+        if (found := family.group_of(key)) is not None and found[1] in projections
+    }
+    text_path.groups = tuple(g for g in text_path.groups if g.name in edited) or text_path.groups
+    return text_path

@@ -56,14 +56,17 @@ def _render_dry_run(report: dict) -> None:
         f"s_p={report['preserve_scale']:.4g}; projections {', '.join(report['projections'])}"
     )
     vectors = report["vectors"]
-    if isinstance(vectors, dict):
-        out.print(
-            f"vectors: {vectors['edit_vectors']} edit ({vectors['per_edit_prompt_min']}–"
-            f"{vectors['per_edit_prompt_max']} per prompt), {vectors['preserve_vectors']} preserve "
-            f"({vectors['per_preserve_prompt']} per prompt)"
-        )
-    else:
+    if not isinstance(vectors, dict):
         out.print(f"vectors: {vectors}")
+        return
+    # one group: its counts; several (SDXL with its pooled path): group → counts
+    per_group = vectors if "edit_vectors" not in vectors else {"": vectors}
+    for group, v in per_group.items():
+        out.print(
+            f"vectors{f' ({group})' if group else ''}: {v['edit_vectors']} edit "
+            f"({v['per_edit_prompt_min']}–{v['per_edit_prompt_max']} per prompt), "
+            f"{v['preserve_vectors']} preserve ({v['per_preserve_prompt']} per prompt)"
+        )
 
 
 @handle_errors
