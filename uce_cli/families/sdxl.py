@@ -241,9 +241,12 @@ class SdxlFamily(Family):
                 )
         unet = self._config("unet")
         if unet.get("addition_embed_type") != "text_time":
+            from uce_cli.families import supported
+
             raise ModelError(
                 f"{self.root / 'unet' / 'config.json'}: addition_embed_type is "
-                f"{unet.get('addition_embed_type')!r}, not 'text_time' — not an SDXL UNet"
+                f"{unet.get('addition_embed_type')!r}, not 'text_time' — not an SDXL UNet; "
+                f"{supported()}"
             )
 
     def group_of(self, key: str) -> tuple[str, str] | None:
