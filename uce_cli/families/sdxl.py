@@ -15,7 +15,7 @@ target size) and are never edited. The pooled group is edited only when the reci
 ``add_embedding`` projection (docs/families.md, "SDXL", says what it changes and what it measured).
 
 Tokens: both tokenizers share CLIP's BPE and 77 positions, so a prompt has the same token count in
-both (checked: uce refuses a model where they disagree). The first tokenizer pads with EOS, the
+both (checked per prompt: one the two split differently is refused, naming both counts). The first tokenizer pads with EOS, the
 second with ``"!"`` (id 0 in the real vocabulary): after the last word the UNet sees, per position,
 [EOS-pad state of CLIP-L ; "!"-pad state of bigG]. The paper mode's "last word through the end"
 pairs these concatenated 2048-d positions one to one (last word ↔ last word, EOS ↔ EOS, pad ↔ pad);
