@@ -28,7 +28,7 @@ from uce_cli.evalspec import Evaluate
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
 # add_embedding: SDXL's pooled text path (the text columns of add_embedding.linear_1), opt-in
-Projection = Literal["to_k", "to_v", "add_embedding"]
+Projection = Literal["to_k", "to_v"] | Literal["add_embedding"]
 AlphaScale = Literal["relative", "absolute"]
 OutputFormat = Literal["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
