@@ -169,6 +169,7 @@ def run(model: Path, out: Path, erase: int, preserve: int, pooled: bool, device:
         "output: {formats: [delta, operator]}\n"
     )
     plan = plan_recipe(recipe)
+    shutil.rmtree(out, ignore_errors=True)  # a kept --work folder holds the last run's output
     start = time.perf_counter()
     result = run_apply(plan, out=out, device=device, use_cache=False)
     seconds = time.perf_counter() - start
