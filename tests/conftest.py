@@ -104,3 +104,19 @@ class PlainEncoder:
         with torch.no_grad():
             hidden = self.enc(ids.input_ids)[0].double()
         return hidden, [int(n) - 2 for n in ids.attention_mask.sum(1)]
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev-shaped diffusers folder (seed 0); read-only by convention."""
+    from uce_cli.tiny_joint import write_tiny_joint
+
+    return write_tiny_joint("flux", tmp_path_factory.mktemp("base") / "tiny-flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3-shaped diffusers folder (seed 0); read-only by convention."""
+    from uce_cli.tiny_joint import write_tiny_joint
+
+    return write_tiny_joint("sd3", tmp_path_factory.mktemp("base") / "tiny-sd3", seed=0)
