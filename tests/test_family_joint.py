@@ -69,8 +69,10 @@ def test_flux_tokens(tiny_flux: Path) -> None:
             assert t.last_word == 0 and ids == [tok.eos_token_id]
         assert (tokens["pooled"][p].last_word, tokens["pooled"][p].seen) == (0, 1)
     assert tokens["t5"]["art"].last_word == 0  # "▁art" is one piece
-    with pytest.raises(UceError, match=r"has \d+ tokens in the CLIP tokenizer"):
-        path.tokens(["cat " * 80])
+    # CLIP is truncated as the pipeline does (the pooled vector has no anchor); the caller
+    # refuses n_tokens over max_tokens, T5's 512.
+    long = path.tokens(["cat " * 100])
+    assert long["pooled"]["cat " * 100].n_tokens == 102 and path.max_tokens == 512
 
 
 def test_flux_vectors_equal_pipeline(tiny_flux: Path) -> None:
@@ -105,6 +107,9 @@ def test_sd3_groups_tokens_and_vectors(tiny_sd3: Path) -> None:
         n = len(clip(p).input_ids)
         assert tokens["joint"][p].last_word == max(n - 2, 0)
         assert tokens["joint"][p].seen == 77 + 256
+    assert path.max_tokens == 77
+    with pytest.raises(UceError, match=r"has \d+ tokens in the T5 tokenizer \(tokenizer_3\)"):
+        path.tokens(["Mckernan " * 30])  # ≤ 77 CLIP tokens, > 256 T5 pieces
     got = path.encode(PROMPTS)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, transformer=None, vae=None)
     with torch.no_grad():  # as StableDiffusion3Pipeline.__call__ runs it

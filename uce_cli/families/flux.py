@@ -9,7 +9,8 @@ What the pipeline feeds its transformer (diffusers ``FluxPipeline.encode_prompt`
   T5 appends ``</s>`` and has no BOS: the last word token is the piece before ``</s>``
   (index n − 2); for ``""``, whose only token is ``</s>``, it is position 0 (``</s>`` itself).
 - ``pooled``: CLIP-L's pooled output (``text_encoder``, the EOS position of a 77-token prompt),
-  one vector per prompt: last_word 0, seen 1.
+  one vector per prompt: last_word 0, seen 1. A prompt over 77 CLIP tokens is truncated, as the
+  pipeline truncates it (the pooled vector has no anchor position); over 512 T5 tokens, refused.
 
 See ``uce_cli.families.joint`` for why these projections, and for the bias.
 """
@@ -24,7 +25,7 @@ import torch
 
 from uce_cli.errors import ModelError
 from uce_cli.families.base import Group, TextPath, Tokens
-from uce_cli.families.joint import JointFamily, check_prompt_lengths
+from uce_cli.families.joint import JointFamily
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.__call__'s default (FLUX.1-schnell users often pass 256)
 CLIP_LENGTH = 77
@@ -73,7 +74,9 @@ def load_encoder(
 class FluxTextPath(TextPath):
     """FLUX.1's two text inputs: the T5 sequence (``t5``) and the CLIP pooled vector (``pooled``)."""
 
-    max_tokens = CLIP_LENGTH  # CLIP's 77 binds first: truncating it would move the pooled EOS
+    # T5's 512 bind: CLIP is truncated to 77 as the pipeline truncates it — the pooled vector
+    # has no anchor position to move, and uce's vector stays the one the pipeline feeds.
+    max_tokens = MAX_SEQUENCE_LENGTH
 
     def __init__(
         self,
@@ -95,13 +98,11 @@ class FluxTextPath(TextPath):
     def tokens(self, prompts: Sequence[str]) -> dict[str, dict[str, Tokens]]:
         """``t5``: last word piece before ``</s>``, all 512 positions seen; ``pooled``: one vector.
 
-        Raises:
-            UceError: a prompt over 77 CLIP tokens or 512 T5 tokens.
+        ``n_tokens`` is T5's count for ``t5`` and CLIP's (untruncated) for ``pooled``; the caller
+        refuses a prompt over ``max_tokens`` (512).
         """
         clip = token_counts(self.tokenizer, prompts)
         t5 = token_counts(self.tokenizer_2, prompts)
-        check_prompt_lengths(clip, CLIP_LENGTH, "the CLIP tokenizer (tokenizer)", "pads to")
-        check_prompt_lengths(t5, MAX_SEQUENCE_LENGTH, "the T5 tokenizer (tokenizer_2)", "pads to")
         return {
             "t5": {p: Tokens(t5[p], t5_last_word(t5[p]), MAX_SEQUENCE_LENGTH) for p in prompts},
             "pooled": {p: Tokens(clip[p], 0, 1) for p in prompts},

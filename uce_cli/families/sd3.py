@@ -61,13 +61,15 @@ class SD3TextPath(TextPath):
     def tokens(self, prompts: Sequence[str]) -> dict[str, dict[str, Tokens]]:
         """``joint``: the CLIP last word, all 77 + 256 positions seen; ``pooled``: one vector.
 
+        ``n_tokens`` is the longer CLIP count (the caller refuses it over ``max_tokens``, 77: the
+        anchor is a CLIP position); a prompt over T5's 256 tokens is refused here.
+
         Raises:
-            UceError: a prompt over 77 tokens of either CLIP tokenizer or 256 T5 tokens.
+            UceError: a prompt over 256 T5 tokens, naming it and the tokenizer.
         """
         clip = token_counts(self.tokenizers[0], prompts)
-        check_prompt_lengths(clip, CLIP_LENGTH, "the CLIP-L tokenizer (tokenizer)", "pads to")
         clip_g = token_counts(self.tokenizers[1], prompts)
-        check_prompt_lengths(clip_g, CLIP_LENGTH, "the CLIP-G tokenizer (tokenizer_2)", "pads to")
+        clip = {p: max(clip[p], clip_g[p]) for p in prompts}
         t5 = token_counts(self.tokenizer_3, prompts)
         check_prompt_lengths(t5, MAX_SEQUENCE_LENGTH, "the T5 tokenizer (tokenizer_3)", "pads to")
         seen = CLIP_LENGTH + MAX_SEQUENCE_LENGTH
