@@ -27,7 +27,8 @@ from uce_cli.evalspec import Evaluate
 
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
-Projection = Literal["to_k", "to_v"]
+# SD-style families edit attn2.to_k/to_v; FLUX/SD3 their text input projections (docs/families.md).
+Projection = Literal["context_embedder", "text_embedder", "to_k", "to_v"]
 AlphaScale = Literal["relative", "absolute"]
 OutputFormat = Literal["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
@@ -341,7 +342,7 @@ class Solver(_Strict):
 
 
 class Layers(_Strict):
-    """Which projections of every cross-attention block are edited."""
+    """Which editable projections are edited (left out: every one the model's family has)."""
 
     projections: list[Projection] = Field(default_factory=lambda: ["to_k", "to_v"], min_length=1)
 

@@ -191,7 +191,7 @@ def open_stage(
     # key, the operator/LoRA metadata and the edit log all use it; the base k/v weights' content
     # hash names the base in delta/LoRA files (uce merge checks it). Hashing releases the GIL, so
     # both run beside the encoder's loading.
-    keys = [t.key for t in model.kv if t.projection in plan.projections]
+    keys = selected_keys(model, plan)
     pipe = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
@@ -217,6 +217,25 @@ def open_stage(
         model, keys, run_device, run_dtype, solve_device, text_path, encoder_id, kv_hash, pipe,
         classifier,
     )  # fmt: skip
+
+
+def selected_keys(model: BaseModelFiles, plan: EditPlan) -> list[str]:
+    """The editable keys the recipe's ``layers.projections`` select (all, when it names none).
+
+    Raises:
+        UceError: a named projection the model's family does not edit (never another one instead).
+    """
+    if not plan.projections_given:
+        return [t.key for t in model.kv]
+    known = list(dict.fromkeys(t.projection for t in model.kv))
+    unknown = [p for p in plan.projections if p not in known]
+    if unknown:
+        assert model.family is not None
+        raise UceError(
+            f"layers.projections: '{unknown[0]}' is not an editable projection of "
+            f"{model.family.label} — it edits {model.family.edits}: {', '.join(known)}"
+        )
+    return [t.key for t in model.kv if t.projection in plan.projections]
 
 
 def statistics_stage(
@@ -320,7 +339,9 @@ def write_stage(
                 "edit_form": "operator" if solved.ks is not None else "per-layer",
             },
             k=solved.ks,
-            projections=plan.projections,
+            projections=list(
+                dict.fromkeys(t.projection for t in model.kv if t.key in opened.keys)
+            ),
             lora_rank=lora_rank,
             hashes=hashes,
         )
@@ -415,12 +436,12 @@ def edit_log(
             "preserve_scale": plan.preserve_scale,
             "width": _per_group(stats, lambda _, s: s.width),
             "operator_rank": _per_group(
-                stats, lambda g, _: operator_rank(ks[g]) if ks is not None else None
+                stats, lambda g, _: operator_rank(ks[g]) if ks is not None and g in ks else None
             ),
             "groups": {
                 g: {
                     "width": s.width,
-                    "rank": operator_rank(ks[g]) if ks is not None else None,
+                    "rank": operator_rank(ks[g]) if ks is not None and g in ks else None,
                     "reads": groups[g].reads if g in groups else "",
                 }
                 for g, s in stats.items()

@@ -147,8 +147,9 @@ class FluxTextPath(TextPath):
 class FluxFamily(JointFamily):
     """FLUX.1 [dev] / [schnell]: ``FluxPipeline`` folders."""
 
-    name: ClassVar[str] = "flux"
-    label: ClassVar[str] = "FLUX.1"
+    name = "flux"
+    label = "FLUX.1"
+    pipelines: ClassVar[str] = "FLUX.1 pipelines (FluxPipeline: its text input projections)"
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
     components: ClassVar[tuple[str, ...]] = (
         "scheduler",

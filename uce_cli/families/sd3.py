@@ -126,8 +126,11 @@ class SD3TextPath(TextPath):
 class SD3Family(JointFamily):
     """Stable Diffusion 3 / 3.5: ``StableDiffusion3Pipeline`` folders with all three encoders."""
 
-    name: ClassVar[str] = "sd3"
-    label: ClassVar[str] = "Stable Diffusion 3"
+    name = "sd3"
+    label = "Stable Diffusion 3"
+    pipelines: ClassVar[str] = (
+        "Stable Diffusion 3 pipelines (StableDiffusion3Pipeline: its text input projections)"
+    )
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
     components: ClassVar[tuple[str, ...]] = (
         "scheduler",
