@@ -111,6 +111,9 @@ class Family(ABC):
     edits: ClassVar[str]  # what is edited, honestly: "cross-attention keys/values", …
     denoiser: ClassVar[str]  # the component holding the editable weights: "unet" | "transformer"
     pipeline_prefixes: ClassVar[tuple[str, ...]]  # model_index _class_name prefixes it claims
+    # False where the pipeline's guidance takes no negative prompt (FLUX's distilled guidance):
+    # ``uce sample --negative-prompt`` is then refused rather than silently ignored.
+    negative_prompt: ClassVar[bool] = True
 
     def __init__(self, root: Path, index: dict[str, Any]) -> None:
         self.root = root
