@@ -114,3 +114,192 @@ def test_parity_with_float64_reference(
     # only the two weights changed: both biases and every other tensor are the base's
     changed = {k for k in old if not torch.equal(old[k], new[k])}
     assert changed == {CONTEXT, POOLED}
+
+
+ERASE = """
+erase:
+  - concepts: [Kelly Mckernan]
+    templates: art
+    guide: art
+preserve:
+  - concepts: [Claude Monet]
+"""
+
+
+def cli(*args: object) -> object:
+    from typer.testing import CliRunner
+
+    from uce_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_error(result: object, *needles: str, code: int = 1) -> None:
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def flux_edit(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FLUX erase written as diffusers folder, delta, LoRA and operator, through the CLI."""
+    folder = tmp_path_factory.mktemp("flux-edit")
+    recipe = write_recipe(
+        folder,
+        f"model: {tiny_flux}\n{ERASE}output: {{formats: [diffusers, delta, lora, operator]}}\n",
+    )
+    result = cli("apply", recipe, "--out", folder / "out", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    return folder / "out"
+
+
+def test_flux_outputs_load_back(tiny_flux: Path, flux_edit: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from uce_cli.solve import apply_operator
+
+    old = load_file(str(tiny_flux / TRANSFORMER_FILE))
+    new = load_file(str(flux_edit / TRANSFORMER_FILE))
+    edited = {CONTEXT: new[CONTEXT], POOLED: new[POOLED]}
+    assert all(rel(edited[k], old[k]) > 1e-3 for k in edited)
+    # the diffusers folder loads as a FluxPipeline with the edited weights
+    pipe = FluxPipeline.from_pretrained(flux_edit)
+    state = pipe.transformer.state_dict()
+    assert all(torch.equal(state[k], w) for k, w in edited.items())
+    # delta: exactly the two edited tensors
+    delta = load_file(str(flux_edit / "edit.safetensors"))
+    assert set(delta) == {f"transformer.{k}" for k in edited}
+    assert all(torch.equal(delta[f"transformer.{k}"], w) for k, w in edited.items())
+    # LoRA (diffusers layout): FluxPipeline.load_lora_weights on the base gives the edited weights
+    base = FluxPipeline.from_pretrained(tiny_flux)
+    base.load_lora_weights(flux_edit)
+    base.fuse_lora()
+    base.unload_lora_weights()
+    state = base.transformer.state_dict()
+    assert max(rel(state[k], w) for k, w in edited.items()) < 1e-6
+    # operator: one K per group, W_old·K gives the edited weights
+    ops = load_file(str(flux_edit / "operator.safetensors"))
+    assert {k: tuple(v.shape) for k, v in ops.items()} == {
+        "K.t5": (48, 48),
+        "K.pooled": (32, 32),
+    }
+    assert rel(apply_operator(old[CONTEXT], ops["K.t5"]), edited[CONTEXT]) < 1e-6
+    assert rel(apply_operator(old[POOLED], ops["K.pooled"]), edited[POOLED]) < 1e-6
+    # the edit log names the family and what it edits, per group
+    log = __import__("json").loads((flux_edit / "edit_log.json").read_text())
+    assert log["base_model"]["family"] == "flux"
+    assert set(log["solver"]["groups"]) == {"t5", "pooled"}
+    assert set(log["layers"]) == {f"transformer.{k}" for k in edited}
+    for figures in log["layers"].values():
+        assert figures["residual_after"] < 0.2 * figures["residual_before"]
+
+
+def test_flux_refusals(tiny_flux: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, f"model: {tiny_flux}\n{ERASE}")
+    for fmt in ("lora-kohya", "single-file"):
+        result = cli("apply", recipe, "--out", tmp_path / fmt, "--format", fmt, "--device", "cpu")
+        assert_error(result, f"the {fmt} format has no layout for FLUX.1")
+        assert not (tmp_path / fmt).exists()
+    # a projection FLUX does not edit is refused, never replaced by another one
+    wrong = write_recipe(
+        tmp_path, f"model: {tiny_flux}\n{ERASE}layers: {{projections: [to_k]}}\n", "wrong.yaml"
+    )
+    result = cli("apply", wrong, "--out", tmp_path / "wrong", "--device", "cpu")
+    assert_error(result, "layers.projections: 'to_k' is not an editable projection of FLUX.1")
+    assert "context_embedder, text_embedder" in result.stderr
+
+
+def test_flux_one_projection(tiny_flux: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path, f"model: {tiny_flux}\n{ERASE}layers: {{projections: [context_embedder]}}\n"
+    )
+    plan = plan_recipe(recipe)
+    out = run_apply(plan, out=tmp_path / "out", device="cpu", use_cache=False).out
+    old, new = load_file(str(tiny_flux / TRANSFORMER_FILE)), load_file(str(out / TRANSFORMER_FILE))
+    assert {k for k in old if not torch.equal(old[k], new[k])} == {CONTEXT}
+
+
+def test_flux_sample_compare(tiny_flux: Path, flux_edit: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    result = cli(
+        "sample", "--model", tiny_flux, "--edit", flux_edit, "--compare", "--steps", "2",
+        "--height", "32", "--width", "32", "--prompt", "painting by Kelly Mckernan",
+        "--out", out, "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    pngs = sorted(p for p in out.rglob("*.png") if "grids" not in p.parts)
+    assert len(pngs) == 2
+    base, edited = (np.asarray(Image.open(p), dtype=np.float64) for p in pngs)
+    assert base.shape == (32, 32, 3) and np.abs(base - edited).max() > 0  # the edit shows
+    refused = cli(
+        "sample", "--model", tiny_flux, "--prompt", "a cat", "--negative-prompt", "dog",
+        "--out", tmp_path / "neg",
+    )  # fmt: skip
+    assert_error(refused, "--negative-prompt: FLUX.1 pipelines take no negative prompt")
+
+
+def test_flux_eval_text_report(flux_edit: Path) -> None:
+    import math
+
+    result = cli("eval", flux_edit, "--json", "--device", "cpu", "--no-plots")
+    assert result.exit_code == 0, result.stderr
+    report = __import__("json").loads(result.stdout)
+    figures = report.get("figures", report)
+    values = {k: figures[k] for k in ("efficacy", "drift_preserve") if k in figures}
+    assert values and all(math.isfinite(v) for v in values.values())
+    assert values["efficacy"] > 0
+
+
+def test_flux_transfer(tiny_flux: Path, flux_edit: Path, tmp_path: Path, tiny_model: Path) -> None:
+    import shutil
+
+    from uce_cli.solve import apply_operator
+    from uce_cli.tiny_joint import write_tiny_joint
+
+    other = write_tiny_joint("flux", tmp_path / "other", seed=1)
+    for name in ("text_encoder", "text_encoder_2"):  # same text encoders, another transformer
+        shutil.rmtree(other / name)
+        shutil.copytree(tiny_flux / name, other / name)
+    result = cli(
+        "transfer", flux_edit, "--model", other, "--out", tmp_path / "t", "--format", "delta"
+    )
+    assert result.exit_code == 0, result.stderr
+    ops = load_file(str(flux_edit / "operator.safetensors"))
+    base = load_file(str(other / TRANSFORMER_FILE))
+    delta = load_file(str(tmp_path / "t" / "edit.safetensors"))
+    assert rel(delta[f"transformer.{CONTEXT}"], apply_operator(base[CONTEXT], ops["K.t5"])) < 1e-6
+    assert rel(delta[f"transformer.{POOLED}"], apply_operator(base[POOLED], ops["K.pooled"])) < 1e-6
+    mixed = cli("transfer", flux_edit, "--model", tiny_model, "--out", tmp_path / "m")
+    assert_error(
+        mixed, "made for a flux model", "an operator only transfers within one model family"
+    )
+
+
+def test_sd3_outputs_and_sample(tiny_sd3: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    recipe = write_recipe(
+        tmp_path, f"model: {tiny_sd3}\n{ERASE}output: {{formats: [diffusers, lora, operator]}}\n"
+    )
+    result = cli("apply", recipe, "--out", tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "out"
+    new = load_file(str(out / TRANSFORMER_FILE))
+    base = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    base.load_lora_weights(out)
+    base.fuse_lora()
+    base.unload_lora_weights()
+    state = base.transformer.state_dict()
+    assert max(rel(state[k], new[k]) for k in (CONTEXT, POOLED)) < 1e-6
+    assert set(load_file(str(out / "operator.safetensors"))) == {"K.joint", "K.pooled"}
+    result = cli(
+        "sample", "--edit", out, "--steps", "2", "--height", "32", "--width", "32",
+        "--prompt", "painting by Kelly Mckernan", "--out", tmp_path / "s", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert len(list((tmp_path / "s").rglob("*.png"))) == 1
