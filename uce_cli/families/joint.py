@@ -12,32 +12,17 @@ which put ``W_old c* + b`` in the targets and so shifted every output by ``b`` o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import ClassVar
 
 from uce_cli.errors import ModelError, UceError
 from uce_cli.families.base import Family
+from uce_cli.weights import read_json_config, weight_files
 
 CONTEXT_KEY = "context_embedder.weight"
 POOLED_KEY = "time_text_embed.text_embedder.linear_1.weight"
 # What ``layers.projections`` filters on, per editable key.
 PROJECTIONS = {CONTEXT_KEY: "context_embedder", POOLED_KEY: "text_embedder"}
-
-
-def read_config(folder: Path) -> dict:
-    """A component's config.json, refused with one line when missing or not JSON.
-
-    Raises:
-        ModelError: naming the file.
-    """
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing — the {folder.name} component is incomplete") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot be read as JSON ({exc})") from None
 
 
 def check_prompt_lengths(
@@ -95,7 +80,7 @@ class JointFamily(Family):
 
     def transformer_config(self) -> dict:
         """The transformer's config.json."""
-        return read_config(self.root / "transformer")
+        return read_json_config(self.root / "transformer" / "config.json")
 
     def order(self, key: str) -> tuple:
         """The sequence projection first, then the pooled one."""
@@ -103,22 +88,7 @@ class JointFamily(Family):
 
     def text_encoder_files(self) -> list[Path]:
         """Every text encoder's safetensors files (sharded ones through their index)."""
-        files: list[Path] = []
-        for name in self.text_encoders:
-            folder = self.root / name
-            index = sorted(folder.glob("*.safetensors.index.json"))
-            if index:
-                shards = json.loads(index[0].read_text(encoding="utf-8"))["weight_map"].values()
-                found = [folder / s for s in sorted(set(shards))]
-            else:
-                found = sorted(folder.glob("*.safetensors"))
-            files += found
-            if not found:
-                raise ModelError(
-                    f"{folder}: no safetensors weights — uce reads safetensors only (convert the "
-                    "component with save_pretrained(safe_serialization=True))"
-                )
-        return files
+        return [f for name in self.text_encoders for f in weight_files(self.root / name, "model")]
 
 
 __all__ = [
@@ -127,5 +97,4 @@ __all__ = [
     "PROJECTIONS",
     "JointFamily",
     "check_prompt_lengths",
-    "read_config",
 ]
