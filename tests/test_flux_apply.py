@@ -192,6 +192,7 @@ def test_flux_outputs_load_back(tiny_flux: Path, flux_edit: Path) -> None:
     assert log["base_model"]["family"] == "flux"
     assert set(log["solver"]["groups"]) == {"t5", "pooled"}
     assert set(log["layers"]) == {f"transformer.{k}" for k in edited}
+    assert log["plan"]["projections"] == ["context_embedder", "text_embedder"]
     for figures in log["layers"].values():
         assert figures["residual_after"] < 0.2 * figures["residual_before"]
 
@@ -303,3 +304,15 @@ def test_sd3_outputs_and_sample(tiny_sd3: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert len(list((tmp_path / "s").rglob("*.png"))) == 1
+
+
+def test_flux_dry_run(tiny_flux: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, f"model: {tiny_flux}\n{ERASE}")
+    result = cli("apply", recipe, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "projections all: text input projections (context_embedder" in text
+    # 6 erase prompts: one pooled vector each; paper mode on T5: 512 − f per prompt
+    assert "vectors (pooled): 6 edit (1–1 per prompt), 2 preserve (1 per prompt)" in text
+    assert "vectors (t5):" in text and "preserve (512 per prompt)" in text
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from uce_cli.cache import preserve_key
 from uce_cli.distributed import Ranks
 from uce_cli.editlog import build_edit_log, output_fingerprint, relative_paths
 from uce_cli.errors import OutputError, UceError
-from uce_cli.families.base import TextPath
+from uce_cli.families.base import Family, TextPath
 from uce_cli.formats import edit_metadata, write_formats
 from uce_cli.formats.files import kv_files, kv_weights_sha256, text_encoder_weights_sha256
 from uce_cli.model import (
@@ -339,9 +339,7 @@ def write_stage(
                 "edit_form": "operator" if solved.ks is not None else "per-layer",
             },
             k=solved.ks,
-            projections=list(
-                dict.fromkeys(t.projection for t in model.kv if t.key in opened.keys)
-            ),
+            projections=list(dict.fromkeys(t.projection for t in model.kv if t.key in opened.keys)),
             lora_rank=lora_rank,
             hashes=hashes,
         )
@@ -424,6 +422,9 @@ def edit_log(
         dtype=str(opened.run_dtype).removeprefix("torch."),
         plan={
             **plan.summary(),
+            "projections": list(
+                dict.fromkeys(t.projection for t in model.kv if t.key in opened.keys)
+            ),
             "preserve_vectors": _per_group(stats, lambda _, s: s.n_preserve_vectors),
             "edit_vectors": _per_group(stats, lambda _, s: s.n_edit_vectors),
             "token_counts_max": max(counts.values()),
@@ -493,7 +494,10 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
                     "relative" if pair.relative else "absolute"
                 )
             shown.append(item)
-    text_path = _local_text_path(plan.model)
+    family = _local_family(plan.model)
+    if family is not None and not plan.projections_given:
+        report["projections"] = [f"all: {family.edits}"]
+    text_path = family.text_path(None, None) if family is not None else None
     if text_path is None:
         report["vectors"] = (
             "per pair 77 − max(f(s), f(t)) (paper) / 1 (last-token); tokenizer not available locally"
@@ -531,8 +535,8 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
     return report
 
 
-def _local_text_path(model: str) -> TextPath | None:
-    """The model's text path (tokenizers only) if it is on disk or builtin, else None."""
+def _local_family(model: str) -> Family | None:
+    """The model's family if it is on disk or builtin, else None."""
     from uce_cli.families import open_family
     from uce_cli.model import read_model_index, resolve_model
     from uce_cli.modelspec import BUILTIN_PREFIX
@@ -543,5 +547,4 @@ def _local_text_path(model: str) -> TextPath | None:
         root = Path(model)
         if not (root / "model_index.json").is_file():
             return None
-    family = open_family(root, read_model_index(root / "model_index.json"))
-    return family.text_path(None, None)
+    return open_family(root, read_model_index(root / "model_index.json"))

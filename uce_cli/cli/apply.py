@@ -56,14 +56,19 @@ def _render_dry_run(report: dict) -> None:
         f"s_p={report['preserve_scale']:.4g}; projections {', '.join(report['projections'])}"
     )
     vectors = report["vectors"]
-    if isinstance(vectors, dict):
-        out.print(
-            f"vectors: {vectors['edit_vectors']} edit ({vectors['per_edit_prompt_min']}–"
-            f"{vectors['per_edit_prompt_max']} per prompt), {vectors['preserve_vectors']} preserve "
-            f"({vectors['per_preserve_prompt']} per prompt)"
-        )
-    else:
+    if not isinstance(vectors, dict):
         out.print(f"vectors: {vectors}")
+        return
+    # One group: its counts; several (FLUX, SD3): {group: counts}, one line each.
+    groups = (
+        {"": vectors} if "edit_vectors" in vectors else {f" ({g})": v for g, v in vectors.items()}
+    )
+    for name, v in groups.items():
+        out.print(
+            f"vectors{name}: {v['edit_vectors']} edit ({v['per_edit_prompt_min']}–"
+            f"{v['per_edit_prompt_max']} per prompt), {v['preserve_vectors']} preserve "
+            f"({v['per_preserve_prompt']} per prompt)"
+        )
 
 
 @handle_errors
