@@ -316,3 +316,13 @@ def test_flux_dry_run(tiny_flux: Path, tmp_path: Path) -> None:
     assert "vectors (pooled): 6 edit (1–1 per prompt), 2 preserve (1 per prompt)" in text
     assert "vectors (t5):" in text and "preserve (512 per prompt)" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_flux_merge_lora(tiny_flux: Path, flux_edit: Path, tmp_path: Path) -> None:
+    lora = flux_edit / "pytorch_lora_weights.safetensors"
+    result = cli("merge", tiny_flux, lora, "--out", tmp_path / "m", "--format", "delta")
+    assert result.exit_code == 0, result.stderr
+    merged = load_file(str(tmp_path / "m" / "edit.safetensors"))
+    delta = load_file(str(flux_edit / "edit.safetensors"))
+    assert set(merged) == set(delta)
+    assert max(rel(merged[k], delta[k]) for k in delta) < 1e-6
