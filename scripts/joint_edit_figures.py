@@ -9,9 +9,9 @@ On the tiny seeded FLUX.1- and SD3-shaped pipelines (``uce_cli.tiny_joint``) it 
     preserve drift ‖ΔW C_p‖ / ‖W_old C_p‖; and the same two outputs figures for the 2025
     upstream variant, whose targets include the bias (W_old c* + b), measured on the layer's
     outputs (W c + b);
-(b) downstream (FLUX only), one transformer forward with fixed latents, timestep and guidance:
+(b) downstream, one transformer forward with fixed latents, timestep and guidance:
     for each stage — the text stream after ``context_embedder``, after each joint block, after
-    the single blocks, and the image output (the velocity prediction) — the gap between an
+    the single blocks (FLUX), and the image output (the velocity prediction) — the gap between an
     erased prompt and its guide, ‖h(s) − h(g)‖ / ‖h(g)‖ averaged over the edit pairs, before and
     after the edit, and the drift of the preserved prompts ‖h_new(p) − h_old(p)‖ / ‖h_old(p)‖;
     for the edit of the sequence projection alone, the pooled one alone, and both.
@@ -236,6 +236,53 @@ def flux_downstream(root: Path, new: dict[str, torch.Tensor], data: dict) -> dic
     return _compare(run, transformer, new, old, plan, index, data["tokens"]["t5"])
 
 
+@torch.no_grad()
+def sd3_downstream(root: Path, new: dict[str, torch.Tensor], data: dict) -> dict[str, dict]:
+    """The same stages through one SD3 forward (its last joint block reads text, writes none)."""
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(root / "transformer").eval()
+    old = {k: transformer.state_dict()[k].clone() for k in new}
+    plan, encoded, prompts = data["plan"], data["encoded"], data["prompts"]
+    index = {p: i for i, p in enumerate(prompts)}
+    n = len(prompts)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, transformer.config.in_channels, 16, 16, generator=gen)
+    stages: dict[str, torch.Tensor] = {}
+
+    def grab(name: str, pick: int | None) -> object:
+        def hook(_module: object, _inputs: object, output: object) -> None:
+            stages[name] = (output if pick is None else output[pick]).clone()
+
+        return hook
+
+    transformer.context_embedder.register_forward_hook(grab("text: context_embedder", None))
+    for i, block in enumerate(transformer.transformer_blocks[:-1]):
+        block.register_forward_hook(grab(f"text: after joint block {i}", 0))
+    fixed_pooled = encoded["pooled"][:1, 0].expand(n, -1)
+
+    def forward(pooled: torch.Tensor) -> torch.Tensor:
+        return transformer(
+            hidden_states=latents.expand(n, -1, -1, -1),
+            encoder_hidden_states=encoded["joint"],
+            pooled_projections=pooled,
+            timestep=torch.full((n,), 500.0),
+            return_dict=False,
+        )[0]
+
+    def run() -> dict[str, torch.Tensor]:
+        stages.clear()
+        output = forward(encoded["pooled"][:, 0])
+        text = dict(stages)
+        return {
+            **text,
+            "image output (velocity)": output,
+            "image output, sequence path only": forward(fixed_pooled),
+        }
+
+    return _compare(run, transformer, new, old, plan, index, data["tokens"]["joint"])
+
+
 def _aligned(
     t: torch.Tensor, plan: object, index: dict[str, int], tokens: dict[str, Tokens]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -354,8 +401,8 @@ def main() -> None:
             root = write_tiny_joint(kind, work / kind)
             figures, new, data = text_side(cls, root, args.alignment, work)
             report[kind] = {"text_side": figures}
-            if kind == "flux":
-                report[kind]["downstream"] = flux_downstream(root, new, data)
+            downstream = flux_downstream if kind == "flux" else sd3_downstream
+            report[kind]["downstream"] = downstream(root, new, data)
         report["sd1"] = {"text_side": {}, "downstream": sd_downstream(work, args.alignment)}
     if args.json:
         print(json.dumps(report, indent=1))
