@@ -326,3 +326,12 @@ def test_flux_merge_lora(tiny_flux: Path, flux_edit: Path, tmp_path: Path) -> No
     delta = load_file(str(flux_edit / "edit.safetensors"))
     assert set(merged) == set(delta)
     assert max(rel(merged[k], delta[k]) for k in delta) < 1e-6
+
+
+def test_sd_refuses_joint_projection(tiny_model: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path, f"model: {tiny_model}\n{ERASE}layers: {{projections: [context_embedder]}}\n"
+    )
+    result = cli("apply", recipe, "--out", tmp_path / "out", "--device", "cpu")
+    assert_error(result, "'context_embedder' is not an editable projection of Stable Diffusion 1.x")
+    assert "to_k, to_v" in result.stderr and not (tmp_path / "out").exists()
