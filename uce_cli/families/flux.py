@@ -161,6 +161,7 @@ class FluxFamily(JointFamily):
     )
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     sequence_group: ClassVar[str] = "t5"
+    transformer_class: ClassVar[str] = "FluxTransformer2DModel"
     negative_prompt: ClassVar[bool] = False  # guidance is distilled (guidance_scale embedding)
 
     @classmethod

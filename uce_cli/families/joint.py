@@ -56,13 +56,25 @@ class JointFamily(Family):
     components: ClassVar[tuple[str, ...]]  # folders the family needs, besides the transformer
     text_encoders: ClassVar[tuple[str, ...]]  # the components whose weights make the vectors
     sequence_group: ClassVar[str]  # name of the group context_embedder reads
+    transformer_class: ClassVar[str]  # the diffusers class of its transformer
 
     def check_components(self) -> None:
-        """Refuse a folder that lacks a component the edit or ``uce sample`` reads.
+        """Refuse a folder whose transformer is not the family's, or that lacks a component the
+        edit or ``uce sample`` reads.
 
         Raises:
-            ModelError: naming the folder and the first missing component.
+            ModelError: naming the folder and the wrong or first missing component.
         """
+        from uce_cli.families import supported
+
+        entry = self.index.get("transformer")
+        named = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        if named is not None and named != self.transformer_class:
+            raise ModelError(
+                f"{self.root}: model_index.json names a {self.index.get('_class_name')} whose "
+                f"transformer is a {named}, not a {self.transformer_class} — not a {self.label} "
+                f"pipeline uce can edit; {supported()}"
+            )
         for name in ("transformer", *self.components):
             if name not in self.index or not (self.root / name).is_dir():
                 raise ModelError(

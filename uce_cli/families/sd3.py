@@ -144,6 +144,7 @@ class SD3Family(JointFamily):
     )
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     sequence_group: ClassVar[str] = "joint"
+    transformer_class: ClassVar[str] = "SD3Transformer2DModel"
 
     @classmethod
     def claims(cls, index: dict) -> bool:
