@@ -12,7 +12,6 @@ import torch
 
 from uce_cli.errors import ModelError, UceError
 
-
 DEFAULT_SAMPLE_SIZE = 128
 
 
