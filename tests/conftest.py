@@ -121,3 +121,19 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from uce_cli.tiny_sdxl import write_tiny_sdxl
 
     return write_tiny_sdxl(tmp_path_factory.mktemp("base-sdxl") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev-shaped diffusers folder (seed 0); read-only by convention."""
+    from uce_cli.tiny_joint import write_tiny_joint
+
+    return write_tiny_joint("flux", tmp_path_factory.mktemp("base") / "tiny-flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3-shaped diffusers folder (seed 0); read-only by convention."""
+    from uce_cli.tiny_joint import write_tiny_joint
+
+    return write_tiny_joint("sd3", tmp_path_factory.mktemp("base") / "tiny-sd3", seed=0)

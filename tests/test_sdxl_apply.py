@@ -304,7 +304,7 @@ def test_add_embedding_is_refused_where_the_family_has_none(
     result = runner.invoke(app, ["apply", str(recipe), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
-    assert "no 'add_embedding' layer" in line and "Stable Diffusion 1.x" in line
+    assert "'add_embedding' is not an editable projection of Stable Diffusion 1.x" in line
 
 
 @pytest.mark.parametrize("pooled", [True, False])

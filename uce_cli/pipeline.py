@@ -12,6 +12,8 @@ import torch
 
 from uce_cli.errors import ModelError, UceError
 
+DEFAULT_SAMPLE_SIZE = 128
+
 
 def _index_class(index: dict[str, Any], component: str) -> str:
     entry = index.get(component)
@@ -74,7 +76,9 @@ def image_size(
     try:
         unet = json.loads((root / denoiser / "config.json").read_text())
         vae = json.loads((root / "vae" / "config.json").read_text())
-        sample = unet["sample_size"]
+        # A transformer config without sample_size (FLUX's) samples at its pipeline's
+        # default_sample_size, 128 latents (1024 px at FLUX's VAE factor 8).
+        sample = unet.get("sample_size", DEFAULT_SAMPLE_SIZE)
         h, w = (sample, sample) if isinstance(sample, int) else sample
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, KeyError, ValueError, TypeError) as exc:

@@ -97,6 +97,9 @@ class EditPlan:
     # recipe-folder based; these are what an edit log records.
     recipe_paths: dict[str, str] = field(default_factory=dict)
     loop: DebiasLoop | None = None  # Algorithm 1's settings when some debias group is `auto`
+    # True when the recipe names layers.projections; otherwise every editable projection of the
+    # model's family is edited (to_k/to_v on SD, context_embedder/text_embedder on FLUX/SD3).
+    projections_given: bool = False
 
     @property
     def per_layer(self) -> bool:
@@ -423,6 +426,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         erase_scale=float(erase_scale),
         preserve_scale=float(preserve_scale),
         projections=list(dict.fromkeys(recipe.layers.projections)),
+        projections_given="projections" in recipe.layers.model_fields_set,
         formats=list(dict.fromkeys(recipe.output.formats)),
         output_dir=out,
         seed=recipe.seed,

@@ -27,8 +27,9 @@ from uce_cli.evalspec import Evaluate
 
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
-# add_embedding: SDXL's pooled text path (the text columns of add_embedding.linear_1), opt-in
-Projection = Literal["to_k", "to_v"] | Literal["add_embedding"]
+# SD-style families edit attn2.to_k/to_v; FLUX/SD3 their text input projections; add_embedding is
+# SDXL's pooled text path, edited only when named (docs/families.md).
+Projection = Literal["context_embedder", "text_embedder", "add_embedding", "to_k", "to_v"]
 AlphaScale = Literal["relative", "absolute"]
 OutputFormat = Literal["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
@@ -342,8 +343,8 @@ class Solver(_Strict):
 
 
 class Layers(_Strict):
-    """Which projections are edited: to_k/to_v of every cross-attention block; ``add_embedding``
-    adds SDXL's pooled text path (docs/families.md)."""
+    """Which editable projections are edited (left out: every one the model's family has, less
+    those it edits only when named, like SDXL's ``add_embedding``)."""
 
     projections: list[Projection] = Field(default_factory=lambda: ["to_k", "to_v"], min_length=1)
 

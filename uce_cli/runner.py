@@ -20,7 +20,7 @@ from uce_cli.cache import preserve_key
 from uce_cli.distributed import Ranks
 from uce_cli.editlog import build_edit_log, output_fingerprint, relative_paths
 from uce_cli.errors import OutputError, UceError
-from uce_cli.families.base import TextPath
+from uce_cli.families.base import Family, TextPath
 from uce_cli.formats import edit_metadata, write_formats
 from uce_cli.formats.files import kv_files, kv_weights_sha256, text_encoder_weights_sha256
 from uce_cli.model import (
@@ -177,14 +177,7 @@ def open_stage(
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
-    keys = [t.key for t in model.kv if t.projection in plan.projections]
-    missing = [p for p in plan.projections if not any(t.projection == p for t in model.kv)]
-    if missing:
-        have = ", ".join(dict.fromkeys(t.projection for t in model.kv))
-        raise UceError(
-            f"layers.projections: {model.family.label} has no '{missing[0]}' layer (its editable "
-            f"projections: {have}) — remove it from the recipe"
-        )
+    keys = selected_keys(model, plan)
     if plan.loop is not None:
         if len({t.group for t in model.kv if t.key in keys}) != 1:
             raise UceError(
@@ -224,6 +217,26 @@ def open_stage(
         model, keys, run_device, run_dtype, solve_device, text_path, encoder_id, kv_hash, pipe,
         classifier,
     )  # fmt: skip
+
+
+def selected_keys(model: BaseModelFiles, plan: EditPlan) -> list[str]:
+    """The editable keys the recipe's ``layers.projections`` select (all, when it names none).
+
+    Raises:
+        UceError: a named projection the model's family does not edit (never another one instead).
+    """
+    if not plan.projections_given:  # all, less those the family edits only when named
+        assert model.family is not None
+        return [t.key for t in model.kv if t.projection not in model.family.opt_in]
+    known = list(dict.fromkeys(t.projection for t in model.kv))
+    unknown = [p for p in plan.projections if p not in known]
+    if unknown:
+        assert model.family is not None
+        raise UceError(
+            f"layers.projections: '{unknown[0]}' is not an editable projection of "
+            f"{model.family.label} — it edits {model.family.edits}: {', '.join(known)}"
+        )
+    return [t.key for t in model.kv if t.projection in plan.projections]
 
 
 def statistics_stage(
@@ -331,7 +344,7 @@ def write_stage(
                 "edit_form": "operator" if solved.ks is not None else "per-layer",
             },
             k=solved.ks,
-            projections=plan.projections,
+            projections=list(dict.fromkeys(t.projection for t in model.kv if t.key in opened.keys)),
             lora_rank=lora_rank,
             hashes=hashes,
         )
@@ -414,6 +427,9 @@ def edit_log(
         dtype=str(opened.run_dtype).removeprefix("torch."),
         plan={
             **plan.summary(),
+            "projections": list(
+                dict.fromkeys(t.projection for t in model.kv if t.key in opened.keys)
+            ),
             "preserve_vectors": _per_group(stats, lambda _, s: s.n_preserve_vectors),
             "edit_vectors": _per_group(stats, lambda _, s: s.n_edit_vectors),
             "token_counts_max": max(counts.values()),
@@ -426,12 +442,12 @@ def edit_log(
             "preserve_scale": plan.preserve_scale,
             "width": _per_group(stats, lambda _, s: s.width),
             "operator_rank": _per_group(
-                stats, lambda g, _: operator_rank(ks[g]) if ks is not None else None
+                stats, lambda g, _: operator_rank(ks[g]) if ks is not None and g in ks else None
             ),
             "groups": {
                 g: {
                     "width": s.width,
-                    "rank": operator_rank(ks[g]) if ks is not None else None,
+                    "rank": operator_rank(ks[g]) if ks is not None and g in ks else None,
                     "reads": groups[g].reads if g in groups else "",
                 }
                 for g, s in stats.items()
@@ -483,7 +499,14 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
                     "relative" if pair.relative else "absolute"
                 )
             shown.append(item)
-    text_path = _local_text_path(plan.model, plan.projections)
+    family = _local_family(plan.model)
+    if family is not None and not plan.projections_given:
+        report["projections"] = [f"all: {family.edits}"]
+    text_path = family.text_path(None, None) if family is not None else None
+    if text_path is not None and family is not None:
+        # only the groups whose layers the projections select are edited (SDXL's pooled: if named)
+        edited = _edited_groups(family, plan)
+        text_path.groups = tuple(g for g in text_path.groups if g.name in edited)
     if text_path is None:
         report["vectors"] = (
             "per pair 77 − max(f(s), f(t)) (paper) / 1 (last-token); tokenizer not available locally"
@@ -521,12 +544,11 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
     return report
 
 
-def _local_text_path(model: str, projections: list[str]) -> TextPath | None:
-    """The model's text path (tokenizers only) if it is on disk or builtin, else None."""
+def _local_family(model: str) -> Family | None:
+    """The model's family if it is on disk or builtin, else None."""
     from uce_cli.families import open_family
     from uce_cli.model import read_model_index, resolve_model
     from uce_cli.modelspec import BUILTIN_PREFIX
-    from uce_cli.weights import read_header, weight_files
 
     if model.startswith(BUILTIN_PREFIX):
         root = resolve_model(model)
@@ -534,14 +556,21 @@ def _local_text_path(model: str, projections: list[str]) -> TextPath | None:
         root = Path(model)
         if not (root / "model_index.json").is_file():
             return None
-    family = open_family(root, read_model_index(root / "model_index.json"))
-    text_path = family.text_path(None, None)
-    # only the groups whose layers the projections select are edited (SDXL's pooled is opt-in)
-    edited = {
+    return open_family(root, read_model_index(root / "model_index.json"))
+
+
+def _edited_groups(family: Family, plan: EditPlan) -> set[str]:
+    """The groups with a layer the plan's projections select (headers only)."""
+    from uce_cli.weights import read_header, weight_files
+
+    return {
         found[0]
-        for file in weight_files(root / family.denoiser, "diffusion_pytorch_model")
+        for file in weight_files(family.root / family.denoiser, "diffusion_pytorch_model")
         for key in read_header(file)[0]
-        if (found := family.group_of(key)) is not None and found[1] in projections
+        if (found := family.group_of(key)) is not None
+        and (
+            found[1] in plan.projections
+            if plan.projections_given
+            else found[1] not in family.opt_in
+        )
     }
-    text_path.groups = tuple(g for g in text_path.groups if g.name in edited) or text_path.groups
-    return text_path

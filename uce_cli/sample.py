@@ -190,6 +190,11 @@ def run_sample(
                 warnings.append(
                     f"edit {edit} was made for {named}, sampled here on {model} (same layer shapes)"
                 )
+    if options.negative_prompt and base.family is not None and not base.family.negative_prompt:
+        raise UceError(
+            f"--negative-prompt: {base.family.label} pipelines take no negative prompt (their "
+            "guidance is distilled: --guidance sets the guidance embedding) — leave it out"
+        )
     scheduler_cls = resolve_scheduler(options.scheduler, base.root)
     height, width = image_size(base.root, options.height, options.width, base.denoiser)
     device = pick_device(options.device)

@@ -59,13 +59,15 @@ def _render_dry_run(report: dict) -> None:
     if not isinstance(vectors, dict):
         out.print(f"vectors: {vectors}")
         return
-    # one group: its counts; several (SDXL with its pooled path): group → counts
-    per_group = vectors if "edit_vectors" not in vectors else {"": vectors}
-    for group, v in per_group.items():
+    # One group: its counts; several (FLUX, SD3): {group: counts}, one line each.
+    groups = (
+        {"": vectors} if "edit_vectors" in vectors else {f" ({g})": v for g, v in vectors.items()}
+    )
+    for name, v in groups.items():
         out.print(
-            f"vectors{f' ({group})' if group else ''}: {v['edit_vectors']} edit "
-            f"({v['per_edit_prompt_min']}–{v['per_edit_prompt_max']} per prompt), "
-            f"{v['preserve_vectors']} preserve ({v['per_preserve_prompt']} per prompt)"
+            f"vectors{name}: {v['edit_vectors']} edit ({v['per_edit_prompt_min']}–"
+            f"{v['per_edit_prompt_max']} per prompt), {v['preserve_vectors']} preserve "
+            f"({v['per_preserve_prompt']} per prompt)"
         )
 
 

@@ -132,6 +132,12 @@ class Family(ABC):
     edits: ClassVar[str]  # what is edited, honestly: "cross-attention keys/values", …
     denoiser: ClassVar[str]  # the component holding the editable weights: "unet" | "transformer"
     pipeline_prefixes: ClassVar[tuple[str, ...]]  # model_index _class_name prefixes it claims
+    # projections edited only when a recipe names them (SDXL's add_embedding); the others are
+    # what a recipe without layers.projections edits
+    opt_in: ClassVar[tuple[str, ...]] = ()
+    # False where the pipeline's guidance takes no negative prompt (FLUX's distilled guidance):
+    # ``uce sample --negative-prompt`` is then refused rather than silently ignored.
+    negative_prompt: ClassVar[bool] = True
 
     def __init__(self, root: Path, index: dict[str, Any]) -> None:
         self.root = root

@@ -217,6 +217,7 @@ class SdxlFamily(Family):
     edits = "cross-attention keys/values (and, if asked, the text columns of add_embedding)"
     denoiser = "unet"
     pipeline_prefixes = ("StableDiffusionXL",)
+    opt_in = ("add_embedding",)  # the pooled path: docs/families.md says why it is not default
 
     def _config(self, component: str) -> dict[str, Any]:
         return _read_json(self.root / component / "config.json")
