@@ -66,6 +66,8 @@ def test_vectors_are_what_attn2_reads(kind: str, request: pytest.FixtureRequest)
     for row, seen in enumerate(mask.sum(1).tolist()):
         assert torch.equal(vectors[row, :seen], reference[row, :seen])
     assert torch.equal(vectors, reference)
+    # the text path over the loaded pipeline (the debias loop's) gives the same vectors
+    assert torch.equal(family_of(root).text_path_of(pipe).encode(PROMPTS)["text"], reference)
 
 
 @pytest.mark.parametrize("kind", KINDS)

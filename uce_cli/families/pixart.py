@@ -309,6 +309,7 @@ class PixArtFamily(CaptionFamily):
 
     name: ClassVar[str] = "pixart"
     label: ClassVar[str] = "PixArt"
+    pipelines: ClassVar[str] = "PixArt-α/Σ pipelines (PixArtAlphaPipeline, PixArtSigmaPipeline)"
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     encoder_classes: ClassVar[tuple[str, ...]] = ("T5EncoderModel",)
     reads: ClassVar[str] = "T5 hidden states (masked) → caption_projection"
@@ -333,3 +334,10 @@ class PixArtFamily(CaptionFamily):
         # the pipeline casts T5's output to the encoder's dtype; the transformer shares it
         projection = load_projection(self.root, channels, inner, device, encoder.dtype)
         return CaptionPath(group, tokenizer, self.max_length(), encoder, projection)
+
+    def text_path_of(self, pipe: Any) -> TextPath | None:
+        """The loaded pipeline's own tokenizer, T5 and caption projection."""
+        projection = pipe.transformer.caption_projection
+        return CaptionPath(
+            self.groups()[0], pipe.tokenizer, self.max_length(), pipe.text_encoder, projection
+        )

@@ -135,6 +135,7 @@ class SanaFamily(CaptionFamily):
 
     name: ClassVar[str] = "sana"
     label: ClassVar[str] = "Sana"
+    pipelines: ClassVar[str] = "Sana pipelines (SanaPipeline)"
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("SanaPipeline",)
     encoder_classes: ClassVar[tuple[str, ...]] = ("Gemma2Model", "Gemma2ForCausalLM")
     reads: ClassVar[str] = "Gemma 2 hidden states (masked) → caption_projection → caption_norm"
@@ -144,17 +145,28 @@ class SanaFamily(CaptionFamily):
         """Exactly the text-to-image SanaPipeline (not Sprint, PAG or ControlNet)."""
         return str(index.get("_class_name") or "") == "SanaPipeline"
 
-    def text_path(self, device: torch.device | None, dtype: torch.dtype | None) -> TextPath:
-        """Tokenizer and, with a device, Gemma 2, the caption projection and the caption norm."""
+    def defaults(self) -> tuple[int, str]:
+        """(max_sequence_length, the instruction joined by newlines): ``__call__``'s defaults."""
         pipeline = self.pipeline_class()
         max_length = int(call_default(pipeline, "max_sequence_length"))
-        instruction = "\n".join(call_default(pipeline, "complex_human_instruction") or [])
+        return max_length, "\n".join(call_default(pipeline, "complex_human_instruction") or [])
+
+    def text_path(self, device: torch.device | None, dtype: torch.dtype | None) -> TextPath:
+        """Tokenizer and, with a device, Gemma 2, the caption projection and the caption norm."""
         group = self.groups()[0]
         tokenizer = self.load_tokenizer()
         if device is None:
-            return SanaPath(group, tokenizer, max_length, instruction)
+            return SanaPath(group, tokenizer, *self.defaults())
         encoder = self.load_encoder(device, dtype)
         channels, inner = self.inner_width()
         projection = load_projection(self.root, channels, inner, device, encoder.dtype)
         norm = load_caption_norm(self.root, inner, device, encoder.dtype)
-        return SanaPath(group, tokenizer, max_length, instruction, encoder, projection, norm)
+        return SanaPath(group, tokenizer, *self.defaults(), encoder, projection, norm)
+
+    def text_path_of(self, pipe: Any) -> TextPath | None:
+        """The loaded pipeline's own tokenizer, Gemma 2, caption projection and caption norm."""
+        transformer = pipe.transformer
+        return SanaPath(
+            self.groups()[0], pipe.tokenizer, *self.defaults(), pipe.text_encoder,
+            transformer.caption_projection, transformer.caption_norm,
+        )  # fmt: skip
