@@ -200,7 +200,7 @@ def build_tiny_sana(seed: int = 0) -> DiffusionPipeline:
             cross_attention_head_dim=_SANA_HEAD_DIM,
             cross_attention_dim=inner,
             caption_channels=_GEMMA_WIDTH,
-            sample_size=8,
+            sample_size=16,  # × the DC-AE's factor 2 = 32 px, the smallest size Sana accepts
             patch_size=1,
         )
     with _seeded(seed):
