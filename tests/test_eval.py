@@ -54,17 +54,18 @@ def eval_cli(*args: str):  # noqa: ANN201
 
 def test_text_figures_match_a_direct_computation(tiny_model: Path) -> None:
     from uce_cli.evaltext import DriftPrompt, HeldOutPrompt, TextInputs, text_figures
-    from uce_cli.model import load_text_encoder, open_model
+    from uce_cli.model import open_model, open_text_path
 
     base = open_model(str(tiny_model))
-    tok, enc = load_text_encoder(base, torch.device("cpu"), torch.float32)
+    text_path = open_text_path(base, torch.device("cpu"), torch.float32)
+    tok, enc = text_path.tokenizer, text_path.encoder
     torch.manual_seed(0)
     key = base.kv[0].key
     w_old = {key: base.read_kv([key])[key].float()}
     w_new = {key: w_old[key] + 0.05 * torch.randn_like(w_old[key])}
     held = HeldOutPrompt("art by Kelly Mckernan", "Kelly Mckernan", "art")
     inputs = TextInputs([held], [DriftPrompt("a cat", "cat")], [DriftPrompt("a bus", "bus")])
-    got = text_figures(inputs, tok, enc, w_old, w_new)
+    got = text_figures(inputs, text_path, w_old, w_new)
 
     def hidden(p: str) -> torch.Tensor:
         ids = tok([p], padding="max_length", max_length=77, return_tensors="pt").input_ids

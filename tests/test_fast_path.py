@@ -30,13 +30,13 @@ def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records every prompt the apply run sends through the text encoder."""
     seen: list[str] = []
-    real = stats_module.encode_batches
+    real = stats_module.encode_prompts
 
-    def spy(tokenizer, encoder, prompts, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def spy(text_path, prompts, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen.extend(prompts)
-        yield from real(tokenizer, encoder, prompts, *args, **kwargs)
+        yield from real(text_path, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(stats_module, "encode_batches", spy)
+    monkeypatch.setattr(stats_module, "encode_prompts", spy)
     return seen
 
 

@@ -12,9 +12,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
 from uce_cli.cli import app
-from uce_cli.formats import checkpoint
-from uce_cli.model import open_model
-from uce_cli.singlefile import (
+from uce_cli.families import sd_singlefile as checkpoint
+from uce_cli.families.sd_singlefile import (
     UNET_PREFIX,
     kv_key_from_ldm,
     kv_key_to_ldm,
@@ -22,6 +21,7 @@ from uce_cli.singlefile import (
     unet_key_to_ldm,
     vae_key_to_ldm,
 )
+from uce_cli.model import open_model
 
 runner = CliRunner()
 
@@ -192,7 +192,13 @@ def test_bad_single_files_are_refused(single: Path, tmp_path: Path) -> None:
     save_file(state, str(sd2), {"config": "ignored"})
     unet_only = tmp_path / "vae.safetensors"
     save_file({"first_stage_model.x": torch.ones(1)}, str(unet_only))
-    for path, needle in ((corrupt, "corrupt"), (sd2, "SD 2.x"), (unet_only, "checkpoint")):
+    # An OpenCLIP (SD 2.x) file is read (issue 11); naming no config it can use, it needs SD 2.1's
+    # configs from the Hub, which an offline machine does not have: one line saying so.
+    for path, needle in (
+        (corrupt, "corrupt"),
+        (sd2, "pipeline config 'stabilityai/stable-diffusion-2-1'"),
+        (unet_only, "checkpoint"),
+    ):
         result = runner.invoke(app, ["verify", str(path), "--against", str(single)])
         result2 = runner.invoke(
             app, ["merge", str(path), str(single), "--out", str(tmp_path / "o")]

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from uce_cli.errors import UceError
-from uce_cli.model import CROSS_ATTN_KEY, DENOISER, BaseModelFiles, open_model
+from uce_cli.model import BaseModelFiles, open_model
 
 DELTA_FORMAT = "uce-delta"
 
@@ -69,13 +69,13 @@ def load_edit_tensors(path: Path, base: BaseModelFiles) -> EditTensors:
             f"--edit {path} does not exist — give an output folder of `uce apply` or its edit file"
         )
     if path.is_dir():
-        if (path / DENOISER).is_dir():
+        if (path / base.denoiser).is_dir():
             tensors = _folder_edit_tensors(path, base)
         elif (path / "edit.safetensors").is_file():
             return load_edit_tensors(path / "edit.safetensors", base)
         else:
             raise UceError(
-                f"--edit {path}: neither a pipeline folder ({DENOISER}/) nor an edit.safetensors "
+                f"--edit {path}: neither a pipeline folder ({base.denoiser}/) nor an edit.safetensors "
                 "— give an output folder of `uce apply` or its edit file"
             )
     else:
@@ -145,9 +145,10 @@ def _delta_edit_tensors(path: Path, base: BaseModelFiles) -> dict[str, torch.Ten
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118
             component, _, name = key.partition(".")
-            if component != DENOISER:
+            if component != base.denoiser:
                 raise UceError(
-                    f"--edit {path}: tensor {key} edits '{component}'; uce sample applies UNet edits only"
+                    f"--edit {path}: tensor {key} edits '{component}'; uce sample applies "
+                    f"{base.denoiser} edits only"
                 )
             tensor = f.get_tensor(key)
             if name not in shapes:
@@ -184,23 +185,23 @@ def _folder_edit_tensors(folder: Path, base: BaseModelFiles) -> dict[str, torch.
         for key in sorted(ours):
             new = handles[ours[key][0]].get_tensor(key)
             if not torch.equal(new, handles[theirs[key][0]].get_tensor(key)):
-                if not CROSS_ATTN_KEY.match(key):
+                if base.family is None or base.family.group_of(key) is None:
                     problems.append(f"{key} differs")
                 changed[key] = new
-    problems += _component_differences(folder, base.root)
+    problems += _component_differences(folder, base.root, base.denoiser)
     if problems:
         raise _different_base(folder, base, problems)
     return changed
 
 
-def _component_differences(folder: Path, base_root: Path) -> list[str]:
+def _component_differences(folder: Path, base_root: Path, denoiser: str) -> list[str]:
     """Files of the folder's non-UNet components that are not byte-identical to the base's."""
     problems = []
     for src in sorted(folder.rglob("*")):
         rel = src.relative_to(folder)
         if (
             len(rel.parts) < 2
-            or rel.parts[0] == DENOISER
+            or rel.parts[0] == denoiser
             or rel.parts[0] == "eval"  # `uce eval`'s report folder, not a model component
             or rel.parts[0].startswith(".")
             or src.is_dir()
@@ -212,13 +213,15 @@ def _component_differences(folder: Path, base_root: Path) -> list[str]:
     return problems
 
 
-def apply_edit(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy ``tensors`` into the UNet's parameters (cast to their dtype and device).
+def apply_edit(
+    denoiser: torch.nn.Module, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Copy ``tensors`` into the denoiser's parameters (cast to their dtype and device).
 
     Returns:
-        The replaced tensors (clones): ``apply_edit(unet, returned)`` restores the UNet exactly.
+        The replaced tensors (clones): ``apply_edit(denoiser, returned)`` restores it exactly.
     """
-    state = unet.state_dict()
+    state = denoiser.state_dict()
     previous = {k: state[k].detach().clone() for k in tensors}
-    unet.load_state_dict(tensors, strict=False)
+    denoiser.load_state_dict(tensors, strict=False)
     return previous

@@ -1,19 +1,28 @@
-"""Prompts → text-encoder hidden states, each unique prompt once, batched, and the token positions
-each alignment mode uses (docs/design.md).
+"""Prompts → the vectors each group's layers read, each unique prompt once, batched through the
+family's text path, and the token positions each alignment mode uses (docs/design.md).
 
-Prompts are padded to ``model_max_length`` and the encoder runs without an attention mask, as the
-Stable Diffusion pipelines do. ``f(x) = n_tokens(x) − 2`` is the index of the last word token
-(0, the BOS position, for ``""``).
+The alignment modes are defined on a prompt's :class:`~uce_cli.families.base.Tokens` (where its
+last word token is, how many leading positions the denoiser sees):
+
+- ``paper``: K = min over the pair of (seen − last_word); positions last_word … last_word+K−1 pair
+  one to one. For CLIP (seen = 77 for every prompt) this is the published K = 77 − max f.
+- ``last-token``: one vector per prompt, at last_word.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from uce_cli.errors import UceError
+from uce_cli.families.base import TextPath, Tokens
+from uce_cli.families.clip import (  # noqa: F401 - the CLIP engine, re-exported
+    encode_batches,
+    last_word_index,
+    token_counts,
+)
 from uce_cli.progress import NullProgress, Progress
 
 
@@ -24,12 +33,6 @@ class Span:
     prompt: str
     start: int
     length: int
-
-
-def token_counts(tokenizer: object, prompts: list[str]) -> dict[str, int]:
-    """Number of tokens of each prompt including BOS and EOS, without truncation."""
-    ids = tokenizer(prompts, truncation=False, padding=False)["input_ids"]
-    return {p: len(i) for p, i in zip(prompts, ids, strict=True)}
 
 
 def check_lengths(counts: dict[str, int], max_length: int, where: dict[str, str]) -> None:
@@ -50,62 +53,63 @@ def check_lengths(counts: dict[str, int], max_length: int, where: dict[str, str]
         )
 
 
-def last_word_index(n_tokens: int) -> int:
-    """f(x): index of the last word token; BOS (0) for the empty prompt."""
-    return n_tokens - 2
+def clip_tokens(counts: dict[str, int], max_length: int) -> dict[str, Tokens]:
+    """Tokens of CLIP prompts: the denoiser sees all ``max_length`` positions (it attends to pads)."""
+    return {p: Tokens(n, last_word_index(n), max_length) for p, n in counts.items()}
+
+
+def aligned_spans(
+    source: str, targets: list[str], tokens: dict[str, Tokens], alignment: str
+) -> tuple[Span, list[Span]]:
+    """The spans one edit pair contributes under ``alignment`` (``paper`` | ``last-token``)."""
+    if alignment != "paper":
+        return (
+            Span(source, tokens[source].last_word, 1),
+            [Span(t, tokens[t].last_word, 1) for t in targets],
+        )
+    k = min(tokens[p].seen - tokens[p].last_word for p in [source, *targets])
+    return Span(source, tokens[source].last_word, k), [
+        Span(t, tokens[t].last_word, k) for t in targets
+    ]
 
 
 def paper_spans(
     source: str, targets: list[str], counts: dict[str, int], max_length: int
 ) -> tuple[Span, list[Span]]:
-    """Paper alignment: K = L − max f over the pair; last word ↔ last word, EOS ↔ EOS, pad ↔ pad."""
-    f_source = last_word_index(counts[source])
-    f_targets = [last_word_index(counts[t]) for t in targets]
-    k = max_length - max([f_source, *f_targets])
-    return Span(source, f_source, k), [
-        Span(t, f, k) for t, f in zip(targets, f_targets, strict=True)
-    ]
+    """Paper alignment on CLIP: K = L − max f over the pair; last word ↔ last word, EOS ↔ EOS, pad ↔ pad."""
+    return aligned_spans(source, targets, clip_tokens(counts, max_length), "paper")
 
 
 def last_token_spans(
     source: str, targets: list[str], counts: dict[str, int]
 ) -> tuple[Span, list[Span]]:
-    """last-token alignment: one vector per prompt, at its last word token."""
-    return (
-        Span(source, last_word_index(counts[source]), 1),
-        [Span(t, last_word_index(counts[t]), 1) for t in targets],
-    )
+    """last-token alignment on CLIP: one vector per prompt, at its last word token."""
+    return aligned_spans(source, targets, clip_tokens(counts, 0), "last-token")
 
 
-@torch.inference_mode()
-def encode_batches(
-    tokenizer: object,
-    encoder: torch.nn.Module,
-    prompts: list[str],
+def preserve_rows(hidden: torch.Tensor, tokens: Tokens, alignment: str) -> torch.Tensor:
+    """The rows a preserve prompt contributes: positions 0 … seen−1 (paper), or its last word token."""
+    if alignment == "paper":
+        return hidden[: tokens.seen]
+    return hidden[tokens.last_word].unsqueeze(0)
+
+
+def encode_prompts(
+    text_path: TextPath,
+    prompts: Sequence[str],
     batch_size: int = 32,
     progress: Progress | None = None,
     padding: str = "max_length",
-) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Yield ``(prompts, hidden)`` per batch; hidden is ``(B, L, d)`` on the encoder's device.
+) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+    """Yield ``(prompts, {group: (B, L, d)})`` per batch of ``batch_size`` prompts.
 
-    Args:
-        tokenizer: the pipeline's CLIP tokenizer.
-        encoder: the text encoder; ``encoder(ids)[0]`` is what the UNet is conditioned on.
-        prompts: unique prompts to encode.
-        batch_size: prompts per forward pass.
-        progress: receives one advance per prompt.
-        padding: ``max_length`` (L = model_max_length, what the pipelines condition on) or
-            ``longest`` (L = the batch's longest prompt; exact for positions before it, since the
-            CLIP text encoder is causal).
+    Each prompt goes through the text path once; ``progress`` gets one advance per prompt.
     """
     progress = progress or NullProgress()
-    device = next(encoder.parameters()).device
-    max_length = tokenizer.model_max_length
+    prompts = list(prompts)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
-        ids = tokenizer(
-            batch, padding=padding, max_length=max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        hidden = encoder(ids)[0]  # (B, L, d); no attention mask, as the SD pipelines run it
+        with torch.inference_mode():
+            hidden = text_path.encode(batch, padding)
         yield batch, hidden
         progress.advance(len(batch))

@@ -27,6 +27,10 @@ class OutputError(UceError):
     """An output cannot be written where or how it was asked."""
 
 
+class EditFileError(UceError):
+    """An edit file (delta, LoRA, operator, checkpoint) is missing, corrupt or does not fit the base."""
+
+
 class DataError(UceError):
     """A concept or prompt file cannot be read or fetched."""
 

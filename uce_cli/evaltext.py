@@ -9,7 +9,8 @@ alignment pairs them (docs/design.md): ``p``'s last word token onwards with ``g`
 
 split by position class (word = the last word token, eos, pad) for ``efficacy_word``,
 ``leakage_eos = gap_after/gap_before`` at EOS and ``leakage_pad`` likewise. Drift of a set of
-prompts is ``‖(W_new − W_old)·C‖_F / ‖W_old·C‖_F`` over all 77 positions of every prompt.
+prompts is ``‖(W_new − W_old)·C‖_F / ‖W_old·C‖_F`` over all seen positions of every prompt (77
+for CLIP). Vectors come from the model family's text path, per group.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from uce_cli.encode import encode_batches, last_word_index, paper_spans
+from uce_cli.encode import aligned_spans, encode_prompts
+from uce_cli.families.base import TextPath, Tokens
 from uce_cli.progress import NullProgress, Progress
 
 CHUNK = 8192  # vectors per matmul
@@ -57,75 +59,70 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, (num / den.clamp_min(1e-300)).sqrt(), torch.nan)
 
 
-@torch.inference_mode()
+@dataclass
+class GroupRows:
+    """One group's encoded prompts and the rows each figure reads from them."""
+
+    flat: torch.Tensor  # (N·L, d) float32: every prompt's vectors, row = index·L + position
+    held: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # source rows, target rows, class·concept
+    drift_sets: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]]
+
+
+def _capped(t: Tokens, length: int) -> Tokens:
+    """A prompt's tokens as the pipeline truncates it to ``length`` (last word before the EOS)."""
+    n = min(t.n_tokens, length)
+    return Tokens(n, min(t.last_word, max(n - 2, 0)), min(t.seen, length))
+
+
 def encode_unique(
-    tokenizer: object,
-    encoder: torch.nn.Module,
-    prompts: list[str],
-    batch_size: int,
-    progress: Progress,
-) -> tuple[dict[str, int], torch.Tensor, dict[str, int]]:
+    text_path: TextPath, prompts: list[str], batch_size: int, progress: Progress
+) -> tuple[dict[str, int], dict[str, torch.Tensor], dict[str, dict[str, Tokens]]]:
     """Encode each unique prompt once (truncated to the encoder's length, as pipelines do).
 
     Returns:
-        prompt → row index, hidden states ``(N, L, d)`` float32 on CPU, and prompt → token count
-        (including BOS/EOS, capped at L).
+        prompt → row index, per group the vectors ``(N, L, d)`` float32 on CPU, and per group
+        prompt → Tokens (capped at L).
     """
     unique = list(dict.fromkeys(prompts))
-    max_length = tokenizer.model_max_length
-    ids = tokenizer(unique, truncation=True, max_length=max_length, padding=False)["input_ids"]
-    counts = {p: len(i) for p, i in zip(unique, ids, strict=True)}
+    tokens = text_path.tokens(unique)
     progress.start("encode", total=len(unique), unit="prompt")
-    parts = [
-        hidden.float().cpu()
-        for _, hidden in encode_batches(tokenizer, encoder, unique, batch_size, progress)
-    ]
+    parts: dict[str, list[torch.Tensor]] = {g.name: [] for g in text_path.groups}
+    for _, hidden in encode_prompts(text_path, unique, batch_size, progress):
+        for group, h in hidden.items():
+            parts[group].append(h.float().cpu())
     progress.finish()
-    hidden = torch.cat(parts) if parts else torch.zeros(0, max_length, 0)
-    return {p: i for i, p in enumerate(unique)}, hidden, counts
+    hidden = {
+        g.name: torch.cat(parts[g.name])
+        if parts[g.name]
+        else torch.zeros(0, text_path.max_tokens, 0)
+        for g in text_path.groups
+    }
+    capped = {
+        group: {p: _capped(t, hidden[group].shape[1] or t.seen) for p, t in per.items()}
+        for group, per in tokens.items()
+    }
+    return {p: i for i, p in enumerate(unique)}, hidden, capped
 
 
-def text_figures(
+def _group_rows(
     inputs: TextInputs,
-    tokenizer: object,
-    encoder: torch.nn.Module,
-    w_old: dict[str, torch.Tensor],
-    w_new: dict[str, torch.Tensor],
-    batch_size: int = 32,
-    progress: Progress | None = None,
-) -> dict:
-    """Compute the text-side report.
-
-    Args:
-        inputs: held-out, preserved and unrelated prompts.
-        tokenizer, encoder: the base model's (the edit does not touch the text encoder).
-        w_old, w_new: base and edited k/v weights by layer key, ``(d_out, d_in)``.
-        batch_size: prompts per encoder pass.
-        progress: stage reporting.
-
-    Returns:
-        ``{"figures", "layers", "concepts", "timings", "counts"}`` — see docs/metrics.md.
-    """
-    progress = progress or NullProgress()
-    max_length = tokenizer.model_max_length
-    prompts = [h.prompt for h in inputs.heldout] + [h.guide for h in inputs.heldout]
-    prompts += [d.prompt for d in inputs.preserved] + [d.prompt for d in inputs.unrelated]
-    t0 = time.perf_counter()
-    index, hidden, counts = encode_unique(tokenizer, encoder, prompts, batch_size, progress)
-    timings = {"encode": round(time.perf_counter() - t0, 3)}
-    t0 = time.perf_counter()
-
-    # Held-out vectors: source rows, the target row each pairs with, position class, concept.
-    concepts = list(dict.fromkeys(h.concept for h in inputs.heldout))
+    concepts: list[str],
+    index: dict[str, int],
+    hidden: torch.Tensor,
+    tokens: dict[str, Tokens],
+) -> GroupRows:
+    """The rows of one group: held-out pairs as the paper alignment pairs them, drift prompts' seen positions."""
+    length = hidden.shape[1] if hidden.numel() else 0
     src_rows, tgt_rows, cls, owner = [], [], [], []
     for h in inputs.heldout:
-        src, (tgt,) = paper_spans(h.prompt, [h.guide], counts, max_length)
-        eos = counts[h.prompt] - 1
+        src, (tgt,) = aligned_spans(h.prompt, [h.guide], tokens, "paper")
+        word = tokens[h.prompt].last_word
+        eos = word + 1
         for i in range(src.length):
             pos = src.start + i
-            src_rows.append(index[h.prompt] * max_length + pos)
-            tgt_rows.append(index[h.guide] * max_length + tgt.start + i)
-            cls.append(0 if pos == last_word_index(counts[h.prompt]) else 1 if pos == eos else 2)
+            src_rows.append(index[h.prompt] * length + pos)
+            tgt_rows.append(index[h.guide] * length + tgt.start + i)
+            cls.append(0 if pos == word else 1 if pos == eos else 2)
             owner.append(concepts.index(h.concept))
     flat = hidden.reshape(-1, hidden.shape[-1]) if hidden.numel() else hidden
     held = (
@@ -134,9 +131,51 @@ def text_figures(
         torch.tensor(cls, dtype=torch.long) * len(concepts) + torch.tensor(owner, dtype=torch.long),
     )
     drift_sets = {
-        name: _drift_rows(items, index, max_length)
-        for name, items in (("preserve", inputs.preserved), ("unrelated", inputs.unrelated))
+        name: _drift_rows(items, index, length, tokens)
+        for name, (items) in (("preserve", inputs.preserved), ("unrelated", inputs.unrelated))
     }
+    return GroupRows(flat, held, drift_sets)
+
+
+def text_figures(
+    inputs: TextInputs,
+    text_path: TextPath,
+    w_old: dict[str, torch.Tensor],
+    w_new: dict[str, torch.Tensor],
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    group_of: dict[str, str] | None = None,
+) -> dict:
+    """Compute the text-side report.
+
+    Args:
+        inputs: held-out, preserved and unrelated prompts.
+        text_path: the base model's (the edit does not touch the text encoders), encoders loaded.
+        w_old, w_new: base and edited weights by layer key, ``(d_out, d_in)``.
+        batch_size: prompts per encoder pass.
+        progress: stage reporting.
+        group_of: layer key → the group it reads (default: the text path's first group).
+
+    Returns:
+        ``{"figures", "layers", "concepts", "timings", "counts"}`` — see docs/metrics.md.
+    """
+    progress = progress or NullProgress()
+    prompts = [h.prompt for h in inputs.heldout] + [h.guide for h in inputs.heldout]
+    prompts += [d.prompt for d in inputs.preserved] + [d.prompt for d in inputs.unrelated]
+    t0 = time.perf_counter()
+    index, hidden, tokens = encode_unique(text_path, prompts, batch_size, progress)
+    timings = {"encode": round(time.perf_counter() - t0, 3)}
+    t0 = time.perf_counter()
+
+    concepts = list(dict.fromkeys(h.concept for h in inputs.heldout))
+    rows = {
+        group: _group_rows(inputs, concepts, index, hidden[group], tokens[group])
+        for group in hidden
+    }
+    first = text_path.groups[0].name
+    group_of = group_of or {}
+    src_rows = rows[first].held[0]
+    drift_sets = rows[first].drift_sets
 
     progress.start("measure", total=len(w_old), unit="layer")
     layers: dict[str, dict[str, float]] = {}
@@ -152,12 +191,13 @@ def text_figures(
     for li, key in enumerate(w_old):
         old = w_old[key].float()  # (d_out, d_in)
         delta = w_new[key].float() - old
-        if src_rows:
-            before, after = _gaps(flat, held, old, delta, len(CLASSES) * len(concepts))
+        layer = rows[group_of.get(key, first)]
+        if len(src_rows):
+            before, after = _gaps(layer.flat, layer.held, old, delta, len(CLASSES) * len(concepts))
             per_concept_before[li], per_concept_after[li] = before, after
-        for name, (rows, group, names) in drift_sets.items():
+        for name, (drift_rows, group, names) in layer.drift_sets.items():
             if len(names):
-                moved, base = _drift(flat, rows, group, old, delta, len(names))
+                moved, base = _drift(layer.flat, drift_rows, group, old, delta, len(names))
                 drift_acc[name][0][li], drift_acc[name][1][li] = moved, base
         progress.advance()
     progress.finish()
@@ -232,15 +272,15 @@ def _mean(values: torch.Tensor) -> float | None:
 
 
 def _drift_rows(
-    items: list[DriftPrompt], index: dict[str, int], max_length: int
+    items: list[DriftPrompt], index: dict[str, int], length: int, tokens: dict[str, Tokens]
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All positions of each unique prompt, with the concept group each row belongs to."""
+    """All seen positions of each unique prompt, with the concept group each row belongs to."""
     names = list(dict.fromkeys(d.concept for d in items))
     seen: dict[str, int] = {}
     for d in items:
         seen.setdefault(d.prompt, names.index(d.concept))
-    rows = [index[p] * max_length + i for p in seen for i in range(max_length)]
-    group = [g for g in seen.values() for _ in range(max_length)]
+    rows = [index[p] * length + i for p in seen for i in range(tokens[p].seen)]
+    group = [g for p, g in seen.items() for _ in range(tokens[p].seen)]
     return torch.tensor(rows, dtype=torch.long), torch.tensor(group, dtype=torch.long), names
 
 

@@ -178,7 +178,7 @@ def evaluate_text(
     import torch
 
     from uce_cli.evaltext import text_figures
-    from uce_cli.model import load_text_encoder, open_model, pick_device
+    from uce_cli.model import open_model, open_text_path, pick_device
 
     progress = progress or NullProgress()
     t0 = time.perf_counter()
@@ -186,16 +186,17 @@ def evaluate_text(
     progress.start("load model")
     old, new, edit_sha = edited_weights(run)
     base = open_model(run.base_spec, run.base_revision)
-    tokenizer, encoder = load_text_encoder(base, pick_device(device), torch.float32)
+    text_path = open_text_path(base, pick_device(device), torch.float32)
     progress.finish()
     loaded = time.perf_counter() - t0
-    result = text_figures(inputs, tokenizer, encoder, old, new, batch_size, progress)
+    group_of = {t.key: t.group for t in base.kv}
+    result = text_figures(inputs, text_path, old, new, batch_size, progress, group_of)
     result["timings"] = {"read_and_load": round(loaded, 3), **result["timings"]}
     return {
         **result,
         "settings": {
             "pairing": "paper alignment (source's last word token onwards ↔ guide's)",
-            "positions": tokenizer.model_max_length,
+            "positions": text_path.max_tokens,
             "encoder_dtype": "float32",
             "layer_average": "mean over layers; concepts weigh equally",
             "edit_sha256": edit_sha,

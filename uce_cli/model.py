@@ -1,73 +1,88 @@
-"""The base model: resolve a model spec to a diffusers folder and find its cross-attention k/v tensors.
+"""The base model: resolve a model spec to a diffusers folder, find its family and the tensors it edits.
 
-The denoiser is never instantiated: its k/v tensors are read lazily from the safetensors files
+The denoiser is never instantiated: its editable tensors are read lazily from the safetensors files
 (``safe_open``), so opening SD 1.4 costs the text encoder plus 19 M parameters, not 3.3 GB.
-Only safetensors weights are read; pickle files are refused.
+Only safetensors weights are read; pickle files are refused. A single-file checkpoint is converted
+once, by its family's layout, into a cached diffusers folder.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import hashlib
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from uce_cli.errors import ModelError
+from uce_cli.families import open_family, single_file_layout
+from uce_cli.families.base import EditableTensor, Family, Group, SingleFileLayout, TextPath
 from uce_cli.hub import hub_snapshot
 from uce_cli.modelspec import is_hub_id
 from uce_cli.paths import cache_folder
-
-# Cross-attention blocks of diffusers' transformer blocks: attn2 reads the text embeddings.
-CROSS_ATTN_KEY = re.compile(r"^(?P<block>.*\.attn2)\.(?P<proj>to_k|to_v)\.weight$")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-DENOISER = "unet"
-# Pipeline families uce does not edit yet, by the prefix of their model_index.json _class_name.
-FAMILIES = (
-    ("StableDiffusionXL", "SDXL"),
-    ("StableDiffusion3", "Stable Diffusion 3"),
-    ("PixArt", "PixArt"),
-    ("Flux", "FLUX"),
-    ("HiDream", "HiDream"),
-    ("Kandinsky", "Kandinsky"),
-    ("IF", "DeepFloyd IF"),
+from uce_cli.weights import (
+    PICKLE_SUFFIXES,  # noqa: F401 - re-exported for the writers
+    is_pickle,
+    load_pickle,
+    read_header,
+    read_json_config,
+    refuse_pickle,
+    sha256_file,
+    weight_files,
 )
-# Components an SD 1.x/2.x pipeline does not have: a second text encoder, or a transformer denoiser.
-EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "transformer")
 
-
-@dataclass(frozen=True)
-class KVTensor:
-    """One cross-attention projection weight inside a safetensors file."""
-
-    key: str  # name inside the denoiser, e.g. down_blocks.0.attentions.0....attn2.to_k.weight
-    file: Path
-    shape: tuple[int, int]  # (d_out, d_in)
-    dtype: str  # safetensors dtype name, e.g. F32
+KVTensor = EditableTensor  # the name SD-era code and tests use for an editable tensor
 
 
 @dataclass
 class BaseModelFiles:
-    """A diffusers pipeline folder opened for editing: where everything is, nothing loaded yet."""
+    """A diffusers pipeline folder opened for editing: its family, where everything is, nothing loaded."""
 
     spec: str
     revision: str | None
     root: Path
     denoiser: str
     denoiser_files: list[Path]
-    kv: list[KVTensor] = field(default_factory=list)
-    single_file: Path | None = None  # the LDM single file this folder was converted from, if any
+    kv: list[EditableTensor] = field(default_factory=list)  # every editable tensor, family order
+    single_file: Path | None = None  # the single file this folder was converted from, if any
+    family: Family | None = None
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """The groups (embeddings the editable layers read) that have editable tensors."""
+        assert self.family is not None
+        present = {t.group for t in self.kv}
+        return tuple(g for g in self.family.groups() if g.name in present)
 
     @property
     def width(self) -> int:
-        """Width of the text embeddings the cross-attention layers read (d_in)."""
-        return self.kv[0].shape[1]
+        """Width of the embeddings the editable layers read (d_in) — for a single-group family.
+
+        Raises:
+            ModelError: the family has several groups (ask ``groups`` instead).
+        """
+        widths = {t.group: t.shape[1] for t in self.kv}
+        if len(widths) != 1:
+            raise ModelError(
+                f"{self.spec}: its editable layers read {len(widths)} embeddings "
+                f"({', '.join(sorted(widths))}) — there is no single width"
+            )
+        return next(iter(widths.values()))
+
+    def tensors_of(self, group: str) -> list[EditableTensor]:
+        """The editable tensors of one group."""
+        return [t for t in self.kv if t.group == group]
 
     def read_kv(self, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Read k/v weights (all, or the given keys) from disk without loading anything else."""
+        """Read editable weights (all, or the given keys) from disk without loading anything else."""
         wanted = {t.key for t in self.kv} if keys is None else set(keys)
         out: dict[str, torch.Tensor] = {}
         for path in self.denoiser_files:
@@ -114,87 +129,28 @@ def resolve_model(spec: str, revision: str | None = None) -> Path:
     return hub_snapshot(spec, revision)
 
 
-def _weight_files(folder: Path, stem: str) -> list[Path]:
-    """The safetensors files of one component (single file or sharded via an index)."""
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    single = folder / f"{stem}.safetensors"
-    if single.is_file():
-        return [single]
-    pickles = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise ModelError(
-            f"{folder} has only pickle weights ({', '.join(sorted(pickles))}); uce reads "
-            "safetensors only, since unpickling runs code — convert them to .safetensors"
-        )
-    raise ModelError(f"{folder} has no {stem}.safetensors — is this a complete diffusers folder?")
-
-
 def read_model_index(path: Path) -> dict:
     """A pipeline's model_index.json as a dict.
 
     Raises:
         ModelError: unreadable, not JSON, or not a JSON object.
     """
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(
-            f"{path} is not valid JSON ({exc}) — is this a diffusers folder?"
-        ) from None
-    if not isinstance(index, dict):
-        raise ModelError(
-            f"{path} holds a JSON {type(index).__name__}, not an object — a diffusers "
-            "model_index.json maps component names to their classes"
-        )
-    return index
-
-
-def check_family(index: dict, root: Path) -> None:
-    """Refuse pipelines uce does not edit, naming their family: only SD 1.x/2.x-shaped ones pass.
-
-    Raises:
-        ModelError: another family (SDXL, SD 3, PixArt, FLUX, …), a second text encoder or a
-            transformer denoiser, or a text encoder other than CLIP.
-    """
-    supported = "uce edits Stable Diffusion 1.x/2.x pipelines (a UNet and one CLIP text encoder)"
-    class_name = str(index.get("_class_name") or "")
-    family = next((f for prefix, f in FAMILIES if class_name.startswith(prefix)), None)
-    if family is not None:
-        raise ModelError(f"{root}: {class_name} ({family}) is not supported yet — {supported}")
-    extra = [name for name in EXTRA_COMPONENTS if name in index]
-    if extra:
-        kind = "a transformer" if extra == ["transformer"] else "two text encoders"
-        raise ModelError(
-            f"{root}: a pipeline with {kind} ({', '.join(extra)}) is not supported yet — "
-            f"{supported}"
-        )
-    for component in (DENOISER, "text_encoder", "tokenizer"):
-        if component not in index:
-            raise ModelError(f"{root} has no '{component}' component — {supported}")
-    encoder = index["text_encoder"]
-    if isinstance(encoder, list) and len(encoder) == 2 and encoder[1] != "CLIPTextModel":
-        raise ModelError(
-            f"{root}: its text encoder is a {encoder[1]}, not a CLIPTextModel — {supported}"
-        )
+    return read_json_config(path)
 
 
 def open_model(
     spec: str, revision: str | None = None, allow_pickle: bool = False
 ) -> BaseModelFiles:
-    """Resolve a model and index its cross-attention k/v tensors (reads headers only).
+    """Resolve a model, find its family and index its editable tensors (reads headers only).
 
-    A single-file checkpoint (LDM key names) is converted once into a cached diffusers folder;
-    a pickle one (.ckpt/.pt/.bin) only with ``allow_pickle``, read with ``weights_only=True``.
+    A single-file checkpoint is converted once into a cached diffusers folder; a pickle one
+    (.ckpt/.pt/.bin) only with ``allow_pickle``, read with ``weights_only=True``.
 
     Raises:
-        ModelError: not a diffusers folder, pickle-only weights, or no cross-attention layers.
+        ModelError: not a diffusers folder, a family uce does not edit, pickle-only weights, or
+            no editable layers.
     """
     if Path(spec).expanduser().is_file():
-        from uce_cli.formats.checkpoint import open_single_file
-
         return open_single_file(Path(spec).expanduser().resolve(), allow_pickle)
     root = resolve_model(spec, revision)
     index_path = root / "model_index.json"
@@ -203,78 +159,188 @@ def open_model(
             f"{root} is not a diffusers pipeline folder (no model_index.json) — give the folder "
             "that DiffusionPipeline.from_pretrained would load"
         )
-    index = read_model_index(index_path)
-    check_family(index, root)
-    files = _weight_files(root / DENOISER, "diffusion_pytorch_model")
-    kv: list[KVTensor] = []
+    family = open_family(root, read_model_index(index_path))
+    files = weight_files(root / family.denoiser, "diffusion_pytorch_model")
+    tensors: list[EditableTensor] = []
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118
-                    if CROSS_ATTN_KEY.match(key):
-                        sl = f.get_slice(key)
-                        shape = tuple(sl.get_shape())
-                        kv.append(
-                            KVTensor(key, path, (int(shape[0]), int(shape[1])), sl.get_dtype())
+                    found = family.group_of(key)
+                    if found is None:
+                        continue
+                    sl = f.get_slice(key)
+                    shape = tuple(sl.get_shape())
+                    tensors.append(
+                        EditableTensor(
+                            key, found[0], path, (int(shape[0]), int(shape[1])), sl.get_dtype(),
+                            found[1],
                         )
+                    )  # fmt: skip
         except Exception as exc:  # safetensors raises SafetensorError on a corrupt header
             raise ModelError(
                 f"cannot read {path}: {exc} — the file is corrupt or not safetensors"
             ) from None
-    if not kv:
+    if not tensors:
         raise ModelError(
-            f"{root / DENOISER} has no cross-attention layers (no '*.attn2.to_k.weight' / "
-            "'*.attn2.to_v.weight' tensors) — uce edits text-conditioned UNets"
+            f"{root / family.denoiser} has no cross-attention layers (no tensor uce edits: "
+            f"{family.edits}) — uce edits text-conditioned {family.denoiser}s"
         )
-    widths = {t.shape[1] for t in kv}
-    if len(widths) != 1:
-        raise ModelError(
-            f"cross-attention layers read embeddings of several widths {sorted(widths)}"
-        )
-    kv.sort(key=lambda t: _block_order(t.key))
-    return BaseModelFiles(spec, revision, root, DENOISER, files, kv)
-
-
-def _block_order(key: str) -> tuple:
-    # down → mid → up, then numerically, so tables read in the UNet's order.
-    part = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(key.split(".")[0], 3)
-    return (part, [int(x) if x.isdigit() else x for x in key.split(".")])
+    for group in {t.group for t in tensors}:
+        widths = {t.shape[1] for t in tensors if t.group == group}
+        if len(widths) != 1:
+            raise ModelError(
+                f"cross-attention layers read embeddings of several widths {sorted(widths)}"
+            )
+    tensors.sort(key=lambda t: family.order(t.key))
+    return BaseModelFiles(spec, revision, root, family.denoiser, files, tensors, family=family)
 
 
 def text_encoder_files(model: BaseModelFiles) -> list[Path]:
-    """The text encoder's safetensors files (pickle-only folders are refused)."""
-    return _weight_files(model.root / "text_encoder", "model")
+    """The text encoders' safetensors files (pickle-only folders are refused)."""
+    assert model.family is not None
+    return model.family.text_encoder_files()
+
+
+def open_text_path(
+    model: BaseModelFiles, device: torch.device | None, dtype: torch.dtype | None
+) -> TextPath:
+    """The model's text path: tokenizers, and with a device its encoders on it in ``dtype``."""
+    assert model.family is not None
+    return model.family.text_path(device, dtype)
 
 
 def load_text_encoder(
     model: BaseModelFiles, device: torch.device, dtype: torch.dtype
-) -> tuple[object, torch.nn.Module]:
-    """Load the tokenizer and the text encoder (safetensors only) for encoding prompts."""
-    from transformers import AutoTokenizer, CLIPTextModel
+) -> tuple[Any, torch.nn.Module]:
+    """The tokenizer and text encoder of a one-encoder family (SD 1.x/2.x), for encoding prompts.
 
-    tok_dir = model.root / "tokenizer"
-    enc_dir = model.root / "text_encoder"
-    _weight_files(enc_dir, "model")  # refuses pickle-only folders with a clear message
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        encoder = CLIPTextModel.from_pretrained(str(enc_dir), use_safetensors=True, dtype=dtype)
-    except Exception as exc:  # transformers raises OSError/ValueError/etc. on broken folders
-        raise ModelError(f"cannot load the text encoder from {model.root}: {exc}") from exc
-    hidden = encoder.config.hidden_size
-    if hidden != model.width:
-        raise ModelError(
-            f"the text encoder's width {hidden} differs from the cross-attention width "
-            f"{model.width} — this pipeline conditions the UNet on something uce does not model"
-        )
-    encoder.to(device).eval().requires_grad_(False)
+    Raises:
+        ModelError: the family reads more than one text encoder.
+    """
+    path = open_text_path(model, device, dtype)
+    tokenizer, encoder = getattr(path, "tokenizer", None), getattr(path, "encoder", None)
+    if tokenizer is None or encoder is None:
+        assert model.family is not None
+        raise ModelError(f"{model.spec}: {model.family.label} has no single tokenizer and encoder")
     return tokenizer, encoder
 
 
-def load_tokenizer(model_root: Path) -> object:
-    """Only the tokenizer (no weights): enough to count tokens for ``--dry-run``."""
-    from transformers import AutoTokenizer
+# --- single files: converted once into the cache, by their family's layout -------------------
 
-    return AutoTokenizer.from_pretrained(str(model_root / "tokenizer"))
+
+def cached_diffusers_folder(
+    path: Path, config_root: Path, cache: Path, layout: SingleFileLayout
+) -> Path:
+    """A diffusers copy of a single file in the cache, built once per file version.
+
+    The key is the file's real path, size, modification time and header, plus the config folder:
+    a patched copy (same header and size, other bytes) lives at another path, and a file rewritten
+    in place gets a new modification time. The folder appears by atomic rename, so its presence
+    means it is complete.
+    """
+    stat = path.stat()
+    with path.open("rb") as fh:
+        header = fh.read(int.from_bytes(fh.read(8), "little"))
+    identity = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{config_root}|"
+    digest = hashlib.sha256(identity.encode() + header).hexdigest()[:20]
+    dest = cache / "single-file" / digest
+    if (dest / "model_index.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=dest.parent))
+    try:
+        layout.convert(path, config_root, stage)
+        os.replace(stage, dest)
+    except OSError:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not (dest / "model_index.json").is_file():
+            raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dest
+
+
+def _config_folder(spec: str) -> Path:
+    """A folder with the pipeline's configs and tokenizer: builtin or local as is, a hub id without weights."""
+    if spec.startswith("builtin:") or Path(spec).expanduser().is_dir():
+        return resolve_model(spec)
+    from huggingface_hub import snapshot_download
+
+    from uce_cli.hub import hub_unreachable
+
+    try:
+        return Path(
+            snapshot_download(
+                spec,
+                allow_patterns=["model_index.json", "*/*.json", "*/*.txt", "tokenizer*/*"],
+                # without network, the cache or one clear error, not 40 s of retries
+                local_files_only=hub_unreachable() is not None,
+            )
+        )
+    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"cannot fetch the pipeline config '{spec}' this single file needs ({reason}) — connect "
+            "once so it is cached, or convert the file to a diffusers folder"
+        ) from None
+
+
+def config_source(layout: SingleFileLayout, metadata: dict[str, str], keys: list[str]) -> str:
+    """The pipeline config for a single file: the ``config`` it names (uce writes it), else its
+    family layout's default."""
+    named = metadata.get("config", "")
+    if named.startswith("builtin:") or (named and Path(named).is_dir()):
+        return named
+    if named and re.match(r"^[\w.-]+/[\w.-]+$", named) and not Path(named).exists():
+        return named
+    return layout.config_source(keys)
+
+
+def _pickle_copy(path: Path, cache: Path) -> Path:
+    """A safetensors copy (in the cache, keyed by the file's sha256) of a pickle checkpoint."""
+    dest = cache / "single-file" / f"pickle-{sha256_file(path)[:20]}.safetensors"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        save_file(load_pickle(path), str(tmp), {"source": path.name})
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def open_single_file(path: Path, allow_pickle: bool = False) -> BaseModelFiles:
+    """Open a single-file checkpoint for editing: its cached diffusers copy, remembering the file.
+
+    The pipeline config (tokenizer, scheduler, component configs) comes from the ``config`` the file
+    names in its metadata (uce's single-file output names its base), else the family's default.
+
+    Raises:
+        ModelError: no family's single-file layout, missing tensors, or a pickle without
+            ``allow_pickle``.
+    """
+    if is_pickle(path):
+        refuse_pickle(path, allow_pickle)
+        path = _pickle_copy(path, cache_folder())
+    elif path.suffix != ".safetensors":
+        raise ModelError(
+            f"model '{path}' is a file but not .safetensors — give a single-file checkpoint, a diffusers folder or a hub id"
+        )
+    keys, metadata = read_header(path)
+    found = single_file_layout(keys)
+    if found is None:
+        raise ModelError(
+            f"{path} has no 'model.diffusion_model.*' tensors of a layout uce reads — not a "
+            "single-file Stable Diffusion checkpoint"
+        )
+    _, layout = found
+    config = _config_folder(config_source(layout, metadata, keys))
+    folder = cached_diffusers_folder(path, config, cache_folder(), layout)
+    return dataclasses.replace(open_model(str(folder)), spec=str(path), single_file=path)
 
 
 def pick_device(name: str) -> torch.device:
@@ -320,3 +386,23 @@ def same_or_inside(child: Path, parent: Path) -> bool:
     """True when ``child`` is ``parent`` or lies inside it (after resolving links)."""
     child, parent = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
     return child == parent or parent in child.parents
+
+
+def read_single_file_editable(path: Path) -> dict[str, torch.Tensor]:
+    """Every editable tensor of a single-file checkpoint, under its diffusers denoiser name.
+
+    Raises:
+        ModelError: a corrupt file, or no family's single-file layout.
+    """
+    keys, _ = read_header(path)
+    found = single_file_layout(keys)
+    if found is None:
+        raise ModelError(
+            f"{path}: no 'model.diffusion_model.*' tensors of a layout uce reads — not a single-file checkpoint"
+        )
+    try:
+        names = found[1].editable_names(keys)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(key) for key, name in names.items()}

@@ -28,20 +28,12 @@ from uce_cli.destination import (  # noqa: F401  (the destination rules, re-expo
     staging_dir,
 )
 from uce_cli.errors import OutputError
-from uce_cli.model import PICKLE_SUFFIXES, BaseModelFiles
+from uce_cli.model import BaseModelFiles
 from uce_cli.tensorfile import SavedFile, save_tensors
+from uce_cli.weights import PICKLE_SUFFIXES, sha256_file
 
 DELTA_FILE = "edit.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".msgpack", ".h5", ".onnx")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class HashBook:

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from uce_cli.errors import ModelError, UceError
-from uce_cli.model import DENOISER
 
 
 def _index_class(index: dict[str, Any], component: str) -> str:
@@ -55,13 +54,16 @@ def resolve_scheduler(name: str | None, root: Path) -> type:
     return cls
 
 
-def image_size(root: Path, height: int | None, width: int | None) -> tuple[int, int]:
-    """Requested size, else the model's: UNet sample size × the VAE's downsampling factor.
+def image_size(
+    root: Path, height: int | None, width: int | None, denoiser: str = "unet"
+) -> tuple[int, int]:
+    """Requested size, else the model's: the denoiser's sample size × the VAE's downsampling factor.
 
     Args:
         root: the model folder.
         height: requested image height in pixels; None for the model's.
         width: requested image width in pixels; None for the model's.
+        denoiser: the component holding the editable weights (``Family.denoiser``).
 
     Returns:
         ``(height, width)`` in pixels.
@@ -70,23 +72,31 @@ def image_size(root: Path, height: int | None, width: int | None) -> tuple[int, 
         ModelError: no requested size and unreadable unet/vae configs.
     """
     try:
-        unet = json.loads((root / DENOISER / "config.json").read_text())
+        unet = json.loads((root / denoiser / "config.json").read_text())
         vae = json.loads((root / "vae" / "config.json").read_text())
         sample = unet["sample_size"]
         h, w = (sample, sample) if isinstance(sample, int) else sample
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise ModelError(
-            f"{root}: cannot read the image size from the unet/vae configs ({exc}) — pass --height and --width"
+            f"{root}: cannot read the image size from the {denoiser}/vae configs ({exc}) — pass --height and --width"
         ) from None
     return height or h * factor, width or w * factor
 
 
-def load_pipeline(root: Path, scheduler_cls: type, device: torch.device, dtype: torch.dtype) -> Any:
+def load_pipeline(
+    root: Path,
+    scheduler_cls: type,
+    device: torch.device,
+    dtype: torch.dtype,
+    denoiser: str = "unet",
+) -> Any:
     """The base pipeline on ``device`` in ``dtype``, with the chosen scheduler, bars off.
 
+    ``denoiser`` is the family's component that holds the editable weights (``Family.denoiser``).
+
     Raises:
-        ModelError: a folder diffusers cannot load, or a pipeline without a UNet.
+        ModelError: a folder diffusers cannot load, or a pipeline without that denoiser.
     """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -107,8 +117,11 @@ def load_pipeline(root: Path, scheduler_cls: type, device: torch.device, dtype: 
             )  # fmt: skip
     except Exception as exc:  # diffusers raises OSError/ValueError/etc. on broken folders
         raise ModelError(f"cannot load the pipeline from {root}: {exc}") from exc
-    if not hasattr(pipe, DENOISER):
-        raise ModelError(f"{root} holds a {type(pipe).__name__}; uce sample needs a UNet pipeline")
+    if not hasattr(pipe, denoiser):
+        raise ModelError(
+            f"{root} holds a {type(pipe).__name__} without a {denoiser}; uce sample needs the "
+            "pipeline the model's family edits"
+        )
     if type(pipe.scheduler) is not scheduler_cls:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

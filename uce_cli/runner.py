@@ -1,4 +1,9 @@
-"""``uce apply`` as a library call: plan → encode once → solve once → write outputs + edit log."""
+"""``uce apply`` as a library call: open → encode/statistics → solve → write → log, one stage each.
+
+The model's family (``uce_cli.families``) supplies everything model-specific: the text path that
+turns prompts into the vectors each group of editable layers reads, the groups, the editable
+tensors. Statistics and the solve run once per group (one operator per group).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,14 @@ import torch
 from uce_cli.cache import preserve_key
 from uce_cli.distributed import Ranks
 from uce_cli.editlog import build_edit_log, output_fingerprint, relative_paths
-from uce_cli.encode import token_counts
-from uce_cli.errors import OutputError
+from uce_cli.errors import OutputError, UceError
+from uce_cli.families.base import TextPath
 from uce_cli.formats import edit_metadata, write_formats
 from uce_cli.formats.files import kv_files, kv_weights_sha256, text_encoder_weights_sha256
 from uce_cli.model import (
-    load_text_encoder,
-    load_tokenizer,
+    BaseModelFiles,
     open_model,
+    open_text_path,
     pick_device,
     pick_dtype,
     text_encoder_files,
@@ -39,7 +44,7 @@ from uce_cli.outputs import (
 from uce_cli.plan import EditPlan, operator_refusal
 from uce_cli.progress import NullProgress, Progress
 from uce_cli.solve import Scales, operator_rank, solve_edit
-from uce_cli.stats import collect_statistics
+from uce_cli.stats import EditStats, collect_statistics
 
 
 @dataclass
@@ -48,6 +53,33 @@ class ApplyResult:
 
     out: Path
     log: dict[str, Any]
+
+
+@dataclass
+class Opened:
+    """What the open stage gives: the model, where things run, its text path and identities."""
+
+    model: BaseModelFiles
+    keys: list[str]  # the editable keys the plan's projections select
+    run_device: torch.device
+    run_dtype: torch.dtype
+    solve_device: torch.device
+    text_path: TextPath
+    encoder_id: str  # text_encoder_weights_sha256
+    kv_hash: str  # the selected base tensors' content hash
+    pipe: Any = None  # the loaded pipeline, when the debias loop samples
+    classifier: Callable[[list[Any], list[str]], torch.Tensor] | None = None
+
+
+@dataclass
+class Solved:
+    """What the solve stage gives: base and new weights, one operator per group (or None)."""
+
+    old: dict[str, torch.Tensor]
+    new: dict[str, torch.Tensor]
+    ks: dict[str, torch.Tensor] | None
+    metrics: dict[str, dict[str, float]]
+    loop_record: dict[str, Any] | None = None
 
 
 def run_apply(
@@ -101,7 +133,42 @@ def run_apply(
 
     t0 = time.perf_counter()
     progress.start("load model")
+    opened = open_stage(plan, out, force, device, dtype, lora_rank, allow_pickle, classifier)
+    progress.finish()
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stats, counts, cache_status = statistics_stage(plan, opened, batch_size, progress, use_cache)
+    timings["encode"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    solved = solve_stage(plan, opened, stats, progress, on_iteration, ranks)
+    timings["debias_loop" if plan.loop is not None else "solve"] = time.perf_counter() - t0
+
+    if ranks is not None and not ranks.main:
+        return None  # rank 0 writes the outputs
+    return write_stage(
+        plan, out, force, opened, stats, counts, cache_status, solved, lora_rank, timings, progress
+    )
+
+
+def open_stage(
+    plan: EditPlan,
+    out: Path,
+    force: bool,
+    device: str,
+    dtype: str,
+    lora_rank: int | None,
+    allow_pickle: bool,
+    classifier: Callable[[list[Any], list[str]], torch.Tensor] | None,
+) -> Opened:
+    """Open the model and its family's text path (the debias loop's pipeline and judge too).
+
+    Raises:
+        UceError: the model cannot be opened, a LoRA rank that cannot fit, a bad destination.
+    """
     model = open_model(plan.model, plan.revision, allow_pickle=allow_pickle)
+    assert model.family is not None
     if lora_rank is not None:  # refuse a rank that cannot fit before encoding anything
         from uce_cli.formats.lora import check_rank
 
@@ -110,8 +177,12 @@ def run_apply(
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
-    pipe = None
     if plan.loop is not None:
+        if len(model.groups) != 1:
+            raise UceError(
+                f"the debias loop (alphas: auto) runs on one-group families; {model.family.label} "
+                "has several — give the alphas explicitly"
+            )
         # The judge first: without it (offline, not cached) the loop cannot run at all.
         from uce_cli.classify import ClipClassifier
 
@@ -120,66 +191,117 @@ def run_apply(
     # key, the operator/LoRA metadata and the edit log all use it; the base k/v weights' content
     # hash names the base in delta/LoRA files (uce merge checks it). Hashing releases the GIL, so
     # both run beside the encoder's loading.
-    keys = [t.key for t in model.kv if t.key.split(".")[-2] in plan.projections]
+    keys = [t.key for t in model.kv if t.projection in plan.projections]
+    pipe = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
         kv_hash_job = pool.submit(kv_weights_sha256, model, keys)
+        text_path = None
         if plan.loop is not None:
             # The loop samples: one pipeline, loaded once; its text encoder serves the statistics.
             from uce_cli.pipeline import load_pipeline, resolve_scheduler
 
             pipe = load_pipeline(
-                model.root, resolve_scheduler(None, model.root), run_device, run_dtype
+                model.root,
+                resolve_scheduler(None, model.root),
+                run_device,
+                run_dtype,
+                model.denoiser,
             )
-            tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-        else:
-            tokenizer, encoder = load_text_encoder(model, run_device, run_dtype)
+            text_path = model.family.text_path_of(pipe)
+        if text_path is None:
+            text_path = open_text_path(model, run_device, run_dtype)
         encoder_id = encoder_hash.result()
         kv_hash = kv_hash_job.result()
-    progress.finish()
-    timings["load"] = time.perf_counter() - t0
+    return Opened(
+        model, keys, run_device, run_dtype, solve_device, text_path, encoder_id, kv_hash, pipe,
+        classifier,
+    )  # fmt: skip
 
-    t0 = time.perf_counter()
+
+def statistics_stage(
+    plan: EditPlan, opened: Opened, batch_size: int, progress: Progress, use_cache: bool
+) -> tuple[dict[str, EditStats], dict[str, int], str]:
+    """Encode every prompt once through the text path; the Gram statistics of each group."""
     cache_key = (
         preserve_key(
-            encoder_id,
+            opened.encoder_id,
             plan.preserve,
             plan.alignment,
-            tokenizer.model_max_length,
-            str(run_dtype).removeprefix("torch."),
+            opened.text_path.max_tokens,
+            str(opened.run_dtype).removeprefix("torch."),
         )
         if use_cache and plan.preserve
         else None
     )
-    stats, counts, cache_status = collect_statistics(
-        plan, tokenizer, encoder, solve_device, batch_size, progress, cache_key
+    stats, counts, status = collect_statistics(
+        plan, opened.text_path, opened.solve_device, batch_size, progress, cache_key
     )
-    del encoder
-    timings["encode"] = time.perf_counter() - t0
+    if opened.pipe is None:  # the loop's pipeline keeps its encoder; otherwise it is done
+        opened.text_path.release()
+    return stats, counts, status
 
-    t0 = time.perf_counter()
-    old = model.read_kv(keys)
+
+def solve_stage(
+    plan: EditPlan,
+    opened: Opened,
+    stats: dict[str, EditStats],
+    progress: Progress,
+    on_iteration: Callable[[dict[str, Any]], None] | None,
+    ranks: Ranks | None,
+) -> Solved:
+    """The closed form once per group (or the debias loop, on a one-group family)."""
+    model = opened.model
+    old = model.read_kv(opened.keys)
     scales = Scales(plan.lam, plan.erase_scale, plan.preserve_scale)
-    loop_record = None
     if plan.loop is not None:
         from uce_cli.debias import run_debias_loop
         from uce_cli.pipeline import image_size
 
-        assert pipe is not None and classifier is not None
-        height, width = image_size(model.root, None, None)
+        assert opened.pipe is not None and opened.classifier is not None
+        [(group, group_stats)] = stats.items()
+        height, width = image_size(model.root, None, None, model.denoiser)
         loop = run_debias_loop(
-            plan, pipe, old, stats, scales, classifier, height, width, progress, on_iteration, ranks
-        )
-        new, k, metrics, loop_record = loop.weights, loop.k, loop.metrics, loop.record
-        timings["debias_loop"] = time.perf_counter() - t0
-    else:
-        progress.start("solve")
-        new, k, metrics = solve_edit(old, stats, scales, kv_files(model))
-        progress.finish()
-        timings["solve"] = time.perf_counter() - t0
+            plan, opened.pipe, old, group_stats, scales, opened.classifier, height, width,
+            progress, on_iteration, ranks,
+        )  # fmt: skip
+        ks = {group: loop.k} if loop.k is not None else None
+        return Solved(old, loop.weights, ks, loop.metrics, loop.record)
+    progress.start("solve")
+    files = kv_files(model)
+    group_of = {t.key: t.group for t in model.kv}
+    new: dict[str, torch.Tensor] = {}
+    ks: dict[str, torch.Tensor] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    for group, group_stats in stats.items():
+        weights = {key: w for key, w in old.items() if group_of[key] == group}
+        if not weights:
+            continue
+        new_g, k, metrics_g = solve_edit(weights, group_stats, scales, files)
+        new.update(new_g)
+        metrics.update(metrics_g)
+        if k is not None:
+            ks[group] = k
+    progress.finish()
+    # Debias with norm-relative α is solved per layer: no operator for any group then.
+    return Solved(old, new, ks if len(ks) == len({group_of[k] for k in old}) else None, metrics)
 
-    if ranks is not None and not ranks.main:
-        return None  # rank 0 writes the outputs
+
+def write_stage(
+    plan: EditPlan,
+    out: Path,
+    force: bool,
+    opened: Opened,
+    stats: dict[str, EditStats],
+    counts: dict[str, int],
+    cache_status: str,
+    solved: Solved,
+    lora_rank: int | None,
+    timings: dict[str, float],
+    progress: Progress,
+) -> ApplyResult:
+    """Write the requested formats and the edit log into a staging folder, then rename it into place."""
+    model = opened.model
     t0 = time.perf_counter()
     progress.start("save")
     stage = staging_dir(out)
@@ -189,22 +311,21 @@ def run_apply(
             stage,
             model,
             plan.formats,
-            old,
-            new,
+            solved.old,
+            solved.new,
             {
                 **edit_metadata(plan),
-                "text_encoder_weights_sha256": encoder_id,
-                "base_kv_weights_sha256": kv_hash,
-                "edit_form": "operator" if k is not None else "per-layer",
+                "text_encoder_weights_sha256": opened.encoder_id,
+                "base_kv_weights_sha256": opened.kv_hash,
+                "edit_form": "operator" if solved.ks is not None else "per-layer",
             },
-            k=k,
+            k=solved.ks,
             projections=plan.projections,
             lora_rank=lora_rank,
             hashes=hashes,
         )
         timings["save"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        shapes = {t.key: list(t.shape) for t in model.kv}
         outputs = dict(
             zip(
                 map(str, written.files),
@@ -212,67 +333,10 @@ def run_apply(
                 strict=True,
             )
         )
-        log = build_edit_log(
-            fingerprint=output_fingerprint(
-                plan.recipe_sha256, {**outputs, **{str(f): d for f, d in written.content.items()}}
-            ),
-            recipe_file=plan.source_file,
-            recipe_sha256=plan.recipe_sha256,
-            recipe=plan.recipe,
-            paths=relative_paths(plan.source_file, plan.recipe_paths, out),
-            base_model={
-                "spec": plan.model,
-                "revision": plan.revision,
-                "path": str(model.root),
-                # What the edit reads is hashed by content; whole-file hashes are recorded where
-                # they came for free (copied for the diffusers output, or a hub cache blob):
-                # hashing a 3.4 GB UNet only for the log would cost seconds.
-                "text_encoder_weights_sha256": encoder_id,
-                "kv_weights_sha256": kv_hash,
-                "files": {
-                    str(p.relative_to(model.root)): digest
-                    for p in [*model.denoiser_files, *text_encoder_files(model)]
-                    if (digest := hashes.known(p)) is not None
-                },
-            },
-            device=str(run_device),
-            dtype=str(run_dtype).removeprefix("torch."),
-            plan={
-                **plan.summary(),
-                "preserve_vectors": stats.n_preserve_vectors,
-                "edit_vectors": stats.n_edit_vectors,
-                "token_counts_max": max(counts.values()),
-                "preserve_cache": cache_status,
-                "pairs": stats.spans,
-            },
-            solver={
-                "lambda": scales.lam,
-                "erase_scale": scales.erase_scale,
-                "preserve_scale": scales.preserve_scale,
-                "width": stats.width,
-                "operator_rank": operator_rank(k) if k is not None else None,
-                "form": "W_new = W_old·K (one operator)"
-                if k is not None
-                else "per layer (norm-relative debias targets; no operator)",
-                "precision": (
-                    "float64 Gram matrices, Cholesky solve and operator K; W_old·K applied in "
-                    "float32 (float64 for float64 weights), cast back once"
-                    if k is not None
-                    else "float64 Gram matrices, targets and Cholesky solve; cast back once"
-                ),
-            },
-            layers={
-                f"{model.denoiser}.{key}": {
-                    "shape": shapes[key],
-                    **m,
-                    **written.layers.get(f"{model.denoiser}.{key}", {}),
-                }
-                for key, m in metrics.items()
-            },
-            **({"debias": loop_record} if loop_record is not None else {}),
-            timings={k_: round(v, 4) for k_, v in timings.items()},
-            outputs=outputs,
-        )
+        log = edit_log(
+            plan, out, opened, stats, counts, cache_status, solved, written, outputs, hashes,
+            timings,
+        )  # fmt: skip
         log["timings"]["hash_and_log"] = round(time.perf_counter() - t0, 4)
         write_json(stage / EDIT_LOG_FILE, log)
         finalize(stage, out, force)
@@ -282,6 +346,107 @@ def run_apply(
     finally:
         progress.finish()
     return ApplyResult(out, log)
+
+
+def _per_group(stats: dict[str, EditStats], value: Callable[[str, EditStats], Any]) -> Any:
+    """One group's value as is (the log's SD-era shape), several as {group: value}."""
+    if len(stats) == 1:
+        [(group, s)] = stats.items()
+        return value(group, s)
+    return {group: value(group, s) for group, s in stats.items()}
+
+
+def edit_log(
+    plan: EditPlan,
+    out: Path,
+    opened: Opened,
+    stats: dict[str, EditStats],
+    counts: dict[str, int],
+    cache_status: str,
+    solved: Solved,
+    written: Any,
+    outputs: dict[str, str],
+    hashes: HashBook,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The edit log: recipe, base, plan, solver (per group), layers, timings, outputs."""
+    model = opened.model
+    assert model.family is not None
+    ks = solved.ks
+    shapes = {t.key: list(t.shape) for t in model.kv}
+    groups = {g.name: g for g in model.groups}
+    return build_edit_log(
+        fingerprint=output_fingerprint(
+            plan.recipe_sha256, {**outputs, **{str(f): d for f, d in written.content.items()}}
+        ),
+        recipe_file=plan.source_file,
+        recipe_sha256=plan.recipe_sha256,
+        recipe=plan.recipe,
+        paths=relative_paths(plan.source_file, plan.recipe_paths, out),
+        base_model={
+            "spec": plan.model,
+            "revision": plan.revision,
+            "path": str(model.root),
+            "family": model.family.name,
+            # What the edit reads is hashed by content; whole-file hashes are recorded where
+            # they came for free (copied for the diffusers output, or a hub cache blob):
+            # hashing a 3.4 GB UNet only for the log would cost seconds.
+            "text_encoder_weights_sha256": opened.encoder_id,
+            "kv_weights_sha256": opened.kv_hash,
+            "files": {
+                str(p.relative_to(model.root)): digest
+                for p in [*model.denoiser_files, *text_encoder_files(model)]
+                if (digest := hashes.known(p)) is not None
+            },
+        },
+        device=str(opened.run_device),
+        dtype=str(opened.run_dtype).removeprefix("torch."),
+        plan={
+            **plan.summary(),
+            "preserve_vectors": _per_group(stats, lambda _, s: s.n_preserve_vectors),
+            "edit_vectors": _per_group(stats, lambda _, s: s.n_edit_vectors),
+            "token_counts_max": max(counts.values()),
+            "preserve_cache": cache_status,
+            "pairs": _per_group(stats, lambda _, s: s.spans),
+        },
+        solver={
+            "lambda": plan.lam,
+            "erase_scale": plan.erase_scale,
+            "preserve_scale": plan.preserve_scale,
+            "width": _per_group(stats, lambda _, s: s.width),
+            "operator_rank": _per_group(
+                stats, lambda g, _: operator_rank(ks[g]) if ks is not None else None
+            ),
+            "groups": {
+                g: {
+                    "width": s.width,
+                    "rank": operator_rank(ks[g]) if ks is not None else None,
+                    "reads": groups[g].reads if g in groups else "",
+                }
+                for g, s in stats.items()
+            },
+            "form": "W_new = W_old·K (one operator)"
+            if ks is not None
+            else "per layer (norm-relative debias targets; no operator)",
+            "precision": (
+                "float64 Gram matrices, Cholesky solve and operator K; W_old·K applied in "
+                "float32 (float64 for float64 weights), cast back once"
+                if ks is not None
+                else "float64 Gram matrices, targets and Cholesky solve; cast back once"
+            ),
+        },
+        layers={
+            f"{model.denoiser}.{key}": {
+                "shape": shapes[key],
+                **m,
+                **written.layers.get(f"{model.denoiser}.{key}", {}),
+            }
+            for key, m in solved.metrics.items()
+        },
+        **({"debias": solved.loop_record} if solved.loop_record is not None else {}),
+        timings={k_: round(v, 4) for k_, v in timings.items()},
+        outputs=outputs,
+    )
 
 
 def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
@@ -307,42 +472,55 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
                     "relative" if pair.relative else "absolute"
                 )
             shown.append(item)
-    tokenizer = _local_tokenizer(plan.model)
-    if tokenizer is None:
+    text_path = _local_text_path(plan.model)
+    if text_path is None:
         report["vectors"] = (
             "per pair 77 − max(f(s), f(t)) (paper) / 1 (last-token); tokenizer not available locally"
         )
         return report
-    from uce_cli.encode import check_lengths
-    from uce_cli.stats import pair_spans, prompt_sections
+    from uce_cli.stats import pair_spans, prompt_tokens
 
-    counts = token_counts(tokenizer, plan.prompts())
-    check_lengths(counts, tokenizer.model_max_length, prompt_sections(plan))
-    spans = pair_spans(plan, counts, tokenizer.model_max_length)
-    per_pair = [src.length for src, _ in spans]
-    preserve_per = tokenizer.model_max_length if plan.alignment == "paper" else 1
-    report["vectors"] = {
-        "edit_vectors": sum(per_pair),
-        "per_edit_prompt_min": min(per_pair),
-        "per_edit_prompt_max": max(per_pair),
-        "preserve_vectors": preserve_per * len(plan.preserve),
-        "per_preserve_prompt": preserve_per,
-    }
+    tokens, _ = prompt_tokens(plan, text_path)
+    vectors: dict[str, dict[str, int]] = {}
+    first_spans = None
+    for group in text_path.groups:
+        spans = pair_spans(plan, tokens[group.name])
+        first_spans = first_spans or spans
+        per_pair = [src.length for src, _ in spans]
+        per_preserve = [
+            tokens[group.name][p].seen if plan.alignment == "paper" else 1 for p in plan.preserve
+        ]
+        vectors[group.name] = {
+            "edit_vectors": sum(per_pair),
+            "per_edit_prompt_min": min(per_pair),
+            "per_edit_prompt_max": max(per_pair),
+            "preserve_vectors": sum(per_preserve),
+            "per_preserve_prompt": max(
+                per_preserve, default=text_path.max_tokens if plan.alignment == "paper" else 1
+            ),
+        }
+    report["vectors"] = next(iter(vectors.values())) if len(vectors) == 1 else vectors
+    assert first_spans is not None
     for shown in report["first_pairs"].values():
         for item in shown:
-            src, _ = spans[next(i for i, p in enumerate(plan.pairs) if p.source == item["source"])]
+            index = next(i for i, p in enumerate(plan.pairs) if p.source == item["source"])
+            src, _ = first_spans[index]
             item["vectors"] = src.length
             item["source_start"] = src.start
     return report
 
 
-def _local_tokenizer(model: str) -> object | None:
-    """The model's tokenizer if it is available without network or weights, else None."""
-    from uce_cli.tiny import TINY_MODEL_NAME, build_tiny_tokenizer
+def _local_text_path(model: str) -> TextPath | None:
+    """The model's text path (tokenizers only) if it is on disk or builtin, else None."""
+    from uce_cli.families import open_family
+    from uce_cli.model import read_model_index, resolve_model
+    from uce_cli.modelspec import BUILTIN_PREFIX
 
-    if model == TINY_MODEL_NAME:
-        return build_tiny_tokenizer()
-    root = Path(model)
-    if (root / "tokenizer").is_dir():
-        return load_tokenizer(root)
-    return None
+    if model.startswith(BUILTIN_PREFIX):
+        root = resolve_model(model)
+    else:
+        root = Path(model)
+        if not (root / "model_index.json").is_file():
+            return None
+    family = open_family(root, read_model_index(root / "model_index.json"))
+    return family.text_path(None, None)

@@ -191,7 +191,7 @@ def run_sample(
                     f"edit {edit} was made for {named}, sampled here on {model} (same layer shapes)"
                 )
     scheduler_cls = resolve_scheduler(options.scheduler, base.root)
-    height, width = image_size(base.root, options.height, options.width)
+    height, width = image_size(base.root, options.height, options.width, base.denoiser)
     device = pick_device(options.device)
     if ranks.distributed and device.type == "cuda":
         device = ranks.state.device  # this rank's GPU, as accelerate assigned it
@@ -223,10 +223,10 @@ def run_sample(
     try:
         if todo:
             progress.start("load pipeline")
-            pipe = load_pipeline(base.root, scheduler_cls, device, dtype)
+            pipe = load_pipeline(base.root, scheduler_cls, device, dtype, base.denoiser)
             progress.finish()
             t0 = time.perf_counter()
-            _generate(pipe, todo, loaded_edit, options, height, width, progress)
+            _generate(pipe, base.denoiser, todo, loaded_edit, options, height, width, progress)
             seconds = time.perf_counter() - t0
         grids = _write_grids(mine, jobs, out, common, edit_fields) if compare else []
     finally:
@@ -387,6 +387,7 @@ def _refuse_foreign_grids(rows: list[PromptRow], out: Path) -> None:
 
 def _generate(
     pipe: Any,
+    denoiser: str,
     todo: list[_Job],
     edit: EditTensors | None,
     o: SampleOptions,
@@ -394,7 +395,8 @@ def _generate(
     width: int,
     progress: Progress,
 ) -> None:
-    """Draw the images of ``todo``, a batch at a time, swapping the edit in only for its jobs."""
+    """Draw the images of ``todo``, a batch at a time, swapping the edit into the pipeline's
+    ``denoiser`` (the family's) only for its jobs."""
     progress.start(
         f"sampling {len(todo)} images × {o.steps} steps", total=len(todo) * o.steps, unit="step"
     )
@@ -419,9 +421,9 @@ def _generate(
                 if not batch:
                     continue
                 if role == "edited" and saved is None and edit is not None:
-                    saved = apply_edit(pipe.unet, edit.tensors)
+                    saved = apply_edit(getattr(pipe, denoiser), edit.tensors)
                 elif role == "base" and saved is not None:
-                    apply_edit(pipe.unet, saved)
+                    apply_edit(getattr(pipe, denoiser), saved)
                     saved = None
                 images = pipe(
                     prompt=[j.row.prompt for j in batch],
@@ -440,7 +442,7 @@ def _generate(
                     job.done = job.generated = True
     finally:
         if saved is not None:
-            apply_edit(pipe.unet, saved)
+            apply_edit(getattr(pipe, denoiser), saved)
         progress.finish()
 
 

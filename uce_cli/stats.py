@@ -9,6 +9,9 @@ of preserve prompts.
 Debias prompts whose target is not one fixed linear map of W_old (norm-relative α, or α the debias
 loop changes) are kept as ``DebiasBlock``s instead: their ``c cᵀ`` go into ``G_s`` (M does not
 depend on α), their targets are built per layer by ``solve.debias_numerator``.
+
+A family's editable layers can read several embeddings (groups, ``uce_cli.families.base``): the
+statistics are one ``EditStats`` per group, each from that group's vectors and token positions.
 """
 
 from __future__ import annotations
@@ -18,16 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from uce_cli.cache import PreserveEntry, load_preserve, save_preserve
-from uce_cli.encode import (
-    Span,
-    check_lengths,
-    encode_batches,
-    last_token_spans,
-    last_word_index,
-    paper_spans,
-    token_counts,
-)
+from uce_cli.encode import Span, aligned_spans, check_lengths, encode_prompts, preserve_rows
 from uce_cli.errors import SolveError
+from uce_cli.families.base import TextPath, Tokens
 from uce_cli.plan import EditPair, EditPlan
 from uce_cli.progress import NullProgress, Progress
 
@@ -133,14 +129,13 @@ def _debias_block(
     pair: EditPair,
     spans: list[Span],
     kept: dict[str, torch.Tensor],
-    counts: dict[str, int],
+    tokens: dict[str, Tokens],
     alignment: str,
 ) -> DebiasBlock:
     """The block of a debias pair: spans[0] is the prompt itself, spans[1:] its attribute prompts."""
     rows = [kept[t.prompt][t.start : t.start + t.length].to("cpu", torch.float64) for t in spans]
-    hidden = kept[pair.source].to("cpu", torch.float64)
-    if alignment != "paper":
-        hidden = hidden[last_word_index(counts[pair.source])].unsqueeze(0)
+    hidden = preserve_rows(kept[pair.source], tokens[pair.source], alignment)
+    hidden = hidden.to("cpu", torch.float64)
     return DebiasBlock(
         source=pair.source,
         C=rows[0],
@@ -163,36 +158,53 @@ def prompt_sections(plan: EditPlan) -> dict[str, str]:
     return where
 
 
-def pair_spans(
-    plan: EditPlan, counts: dict[str, int], max_length: int
-) -> list[tuple[Span, list[Span]]]:
-    """Token spans of every edit pair under the plan's alignment mode."""
-    out = []
-    for pair in plan.pairs:
-        targets = [t for t, _ in pair.targets]
-        if plan.alignment == "paper":
-            out.append(paper_spans(pair.source, targets, counts, max_length))
-        else:
-            out.append(last_token_spans(pair.source, targets, counts))
-    return out
+def pair_spans(plan: EditPlan, tokens: dict[str, Tokens]) -> list[tuple[Span, list[Span]]]:
+    """Token spans of every edit pair under the plan's alignment mode, on one group's tokens."""
+    return [
+        aligned_spans(pair.source, [t for t, _ in pair.targets], tokens, plan.alignment)
+        for pair in plan.pairs
+    ]
+
+
+def prompt_tokens(
+    plan: EditPlan, text_path: TextPath
+) -> tuple[dict[str, dict[str, Tokens]], dict[str, int]]:
+    """Every prompt's tokens per group, and its token count (longest over the groups), refusing
+    a prompt longer than the text path reads (naming its recipe section).
+
+    Raises:
+        UceError: a prompt with more tokens than ``text_path.max_tokens``.
+    """
+    tokens = text_path.tokens(plan.prompts())
+    counts: dict[str, int] = {}
+    for per_prompt in tokens.values():
+        for prompt, t in per_prompt.items():
+            counts[prompt] = max(counts.get(prompt, 0), t.n_tokens)
+    check_lengths(counts, text_path.max_tokens, prompt_sections(plan))
+    return tokens, counts
+
+
+def cache_key_of(cache_key: str | None, group: str, n_groups: int) -> str | None:
+    """The preserve cache key of one group (a one-group family keeps the key as it was)."""
+    if cache_key is None or n_groups == 1:
+        return cache_key
+    return f"{cache_key}-{group}"
 
 
 @torch.no_grad()
 def collect_statistics(
     plan: EditPlan,
-    tokenizer: object,
-    encoder: torch.nn.Module,
+    text_path: TextPath,
     device: torch.device,
     batch_size: int = 32,
     progress: Progress | None = None,
     cache_key: str | None = None,
-) -> tuple[EditStats, dict[str, int], str]:
-    """Encode every unique prompt once and accumulate the edit's Gram statistics.
+) -> tuple[dict[str, EditStats], dict[str, int], str]:
+    """Encode every unique prompt once and accumulate each group's Gram statistics.
 
     Args:
         plan: the resolved plan.
-        tokenizer: CLIP tokenizer (padding to ``model_max_length``).
-        encoder: text encoder on its compute device.
+        text_path: the family's text path, encoders loaded.
         device: where the float64 Gram matrices live (CPU, or CUDA).
         batch_size: prompts per encoder pass.
         progress: receives one advance per prompt.
@@ -200,30 +212,35 @@ def collect_statistics(
             None disables the cache.
 
     Returns:
-        The statistics, the token count of every prompt, and the cache status
-        (``hit``, ``miss``, ``corrupt`` — rebuilt — or ``off``).
+        The statistics per group, the token count of every prompt, and the cache status
+        (``hit``, ``miss``, ``corrupt`` — rebuilt — or ``off``; the worst over the groups).
     """
     progress = progress or NullProgress()
     prompts = plan.prompts()
-    max_length = tokenizer.model_max_length
-    counts = token_counts(tokenizer, prompts)
-    check_lengths(counts, max_length, prompt_sections(plan))
-    spans = pair_spans(plan, counts, max_length)
+    tokens, counts = prompt_tokens(plan, text_path)
+    groups = text_path.groups
+    spans = {g.name: pair_spans(plan, tokens[g.name]) for g in groups}
 
-    edit_prompts = {s.prompt for src, tgts in spans for s in [src, *tgts]}
+    edit_prompts = {s.prompt for src, tgts in spans[groups[0].name] for s in [src, *tgts]}
+    stats = {g.name: EditStats.zeros(g.width, device) for g in groups}
+    acc = {g.name: _GramAccumulator(stats[g.name]) for g in groups}
+    kept: dict[str, dict[str, torch.Tensor]] = {g.name: {} for g in groups}  # (L, d) per prompt
+
+    statuses = []
     preserve = set(plan.preserve)
-    width = encoder.config.hidden_size
-    stats = EditStats.zeros(width, device)
-    acc = _GramAccumulator(stats)
-    kept: dict[str, torch.Tensor] = {}  # hidden states of edit prompts, (L, d) each
-
-    cached, status = load_preserve(cache_key) if cache_key else (None, "off")
-    if cached is not None and cached.G_p.shape[0] == width:
-        stats.G_p = cached.G_p.to(device)
-        stats.n_preserve_vectors = cached.n_vectors
+    for g in groups:
+        key = cache_key_of(cache_key, g.name, len(groups))
+        cached, status = load_preserve(key) if key else (None, "off")
+        if cached is not None and cached.G_p.shape[0] == g.width:
+            stats[g.name].G_p = cached.G_p.to(device)
+            stats[g.name].n_preserve_vectors = cached.n_vectors
+        elif cached is not None:
+            status = "corrupt"
+        statuses.append(status)
+    status = next((s for s in ("corrupt", "miss", "off", "hit") if s in statuses), statuses[0])
+    hits = {g.name for g, s in zip(groups, statuses, strict=True) if s == "hit"}
+    if len(hits) == len(groups):
         preserve = set()
-    elif cached is not None:
-        status = "corrupt"
 
     # With the cache in use, two streams, each batched on its own: the prompts edit pairs read,
     # then the prompts only preserved. The edit prompts' batches are then the same whether or not
@@ -239,24 +256,44 @@ def collect_statistics(
     streams = [edit_stream, rest] if cache_key else [edit_stream + rest]
     progress.start("encode", sum(map(len, streams)), "prompts")
     for stream in streams:
-        batches = encode_batches(tokenizer, encoder, stream, batch_size, progress, padding)
-        for batch, hidden in batches:
-            _check_hidden(batch, hidden)
-            for prompt, h in zip(batch, hidden, strict=True):
-                if prompt in edit_prompts:
-                    kept[prompt] = h
-                if prompt in preserve:
-                    if plan.alignment == "paper":
-                        acc.add_preserve(h)  # all L positions (docs/design.md)
-                    else:
-                        acc.add_preserve(h[last_word_index(counts[prompt])].unsqueeze(0))
+        for batch, hidden in encode_prompts(text_path, stream, batch_size, progress, padding):
+            for g in groups:
+                _check_hidden(batch, hidden[g.name])
+                for prompt, h in zip(batch, hidden[g.name], strict=True):
+                    if prompt in edit_prompts:
+                        kept[g.name][prompt] = h
+                    if prompt in preserve and g.name not in hits:  # seen positions / last word
+                        acc[g.name].add_preserve(
+                            preserve_rows(h, tokens[g.name][prompt], plan.alignment)
+                        )
     progress.finish()
 
+    for g in groups:
+        _accumulate_pairs(plan, spans[g.name], kept[g.name], tokens[g.name], acc[g.name])
+        key = cache_key_of(cache_key, g.name, len(groups))
+        if key and statuses[groups.index(g)] != "hit":
+            save_preserve(
+                key,
+                PreserveEntry(stats[g.name].G_p, stats[g.name].n_preserve_vectors),
+                {"alignment": plan.alignment, "n_prompts": str(len(plan.preserve))},
+            )
+    return stats, counts, status
+
+
+def _accumulate_pairs(
+    plan: EditPlan,
+    spans: list[tuple[Span, list[Span]]],
+    kept: dict[str, torch.Tensor],
+    tokens: dict[str, Tokens],
+    acc: _GramAccumulator,
+) -> None:
+    """Fold one group's edit pairs into its statistics (debias pairs become blocks)."""
+    stats = acc.stats
     for pair, (src, tgts) in zip(plan.pairs, spans, strict=True):
         c_s = kept[src.prompt][src.start : src.start + src.length]
         if pair.relative or pair.auto:
             acc.add_pair(c_s, torch.zeros_like(c_s))  # c cᵀ into G_s; targets built per layer
-            stats.debias.append(_debias_block(pair, tgts, kept, counts, plan.alignment))
+            stats.debias.append(_debias_block(pair, tgts, kept, tokens, plan.alignment))
         else:
             c_t = sum(
                 weight * kept[t.prompt][t.start : t.start + t.length].double()
@@ -275,10 +312,3 @@ def collect_statistics(
         )
     acc.flush_pairs()
     acc.flush_preserve()
-    if cache_key and status != "hit":
-        save_preserve(
-            cache_key,
-            PreserveEntry(stats.G_p, stats.n_preserve_vectors),
-            {"alignment": plan.alignment, "n_prompts": str(len(plan.preserve))},
-        )
-    return stats, counts, status

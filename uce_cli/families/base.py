@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
+    from uce_cli.tensorfile import SavedFile
+
 
 @dataclass(frozen=True)
 class Group:
@@ -77,9 +79,10 @@ class TextPath(ABC):
     def tokens(self, prompts: Sequence[str]) -> dict[str, dict[str, Tokens]]:
         """group name → prompt → Tokens. Needs only the tokenizers (``--dry-run`` uses it).
 
-        Raises:
-            UceError: a prompt longer than a tokenizer accepts, naming the prompt and the
-                tokenizer (uce refuses rather than truncating, which would move the anchor token).
+        ``n_tokens`` is counted without truncation (the longest over the family's tokenizers):
+        the caller refuses a prompt with ``n_tokens > max_tokens``, naming the recipe section it
+        came from (``encode.check_lengths``) — uce refuses rather than truncating, which would
+        move the anchor token.
         """
 
     @abstractmethod
@@ -100,8 +103,11 @@ class TextPath(ABC):
 class Family(ABC):
     """One model family, bound to one local diffusers folder (``root``)."""
 
-    name: ClassVar[str]  # "sd1", "sd2", "sdxl", "pixart", "sana", "flux", "sd3"
-    label: ClassVar[str]  # for people: "Stable Diffusion XL"
+    # "sd1", "sd2", "sdxl", "pixart", "sana", "flux", "sd3"; a class covering variants that only
+    # the configs tell apart (SD 1.x / 2.x) sets name and label per instance in __init__.
+    name: str
+    label: str  # for people: "Stable Diffusion XL"
+    pipelines: ClassVar[str]  # what uce edits of it, for refusals: "Stable Diffusion XL pipelines"
     edits: ClassVar[str]  # what is edited, honestly: "cross-attention keys/values", …
     denoiser: ClassVar[str]  # the component holding the editable weights: "unet" | "transformer"
     pipeline_prefixes: ClassVar[tuple[str, ...]]  # model_index _class_name prefixes it claims
@@ -140,14 +146,25 @@ class Family(ABC):
         """Sort key for editable tensors: the denoiser's own order (tables read top to bottom)."""
         return tuple(int(x) if x.isdigit() else x for x in key.split("."))
 
+    def text_path_of(self, pipe: Any) -> TextPath | None:
+        """The text path over a loaded pipeline's own tokenizers and encoders (the debias loop
+        samples with that pipeline and encodes with it); None: ``text_path`` loads them again."""
+        return None
+
     # --- third-party layouts; None where the family has none (the format is then refused) ----
     def kohya_name(self, key: str) -> str | None:
         """kohya LoRA module name of an editable key (``lora_unet_…``), or None if unsupported."""
         return None
 
+    @classmethod
+    def single_file_layout(cls) -> SingleFileLayout | None:
+        """The family's single-file layout, known before any folder exists (a single file is
+        recognised by its keys, then converted): None when uce reads and writes none."""
+        return None
+
     def single_file(self) -> SingleFileLayout | None:
         """The A1111/ComfyUI single-file layout, or None when uce does not write one."""
-        return None
+        return self.single_file_layout()
 
 
 class SingleFileLayout(ABC):
@@ -168,3 +185,23 @@ class SingleFileLayout(ABC):
     @abstractmethod
     def config_source(self, keys: Sequence[str]) -> str:
         """The hub id (or builtin) whose configs rebuild a diffusers folder from this file."""
+
+    @abstractmethod
+    def editable_key(self, key: str, keys: Sequence[str]) -> str:
+        """The single-file key of the diffusers editable ``key`` in a file with tensor ``keys``."""
+
+    @abstractmethod
+    def convert(self, path: Path, config_root: Path, dest: Path) -> None:
+        """Write a complete diffusers folder at ``dest`` from the file and a config folder
+        (model_index.json, component configs, tokenizers from ``config_root``; weights from the file).
+
+        Raises:
+            ModelError: a tensor the config expects is missing or has another shape (named).
+        """
+
+    @abstractmethod
+    def write(
+        self, path: Path, root: Path, new: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> SavedFile:
+        """Write the pipeline at ``root`` as one single file, with ``new`` (denoiser key → tensor)
+        replacing the editable tensors; byte-reproducible (``uce_cli.tensorfile.save_tensors``)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from uce_cli.families import single_file_layout
 from uce_cli.formats.checkpoint import write_single
 from uce_cli.formats.files import (
     EditFileError,
@@ -48,11 +49,10 @@ from uce_cli.formats.operator import (
     read_operator,
     write_operator,
 )
-from uce_cli.model import BaseModelFiles, open_model, weight_dtype
+from uce_cli.model import BaseModelFiles, open_model, read_single_file_editable, weight_dtype
 from uce_cli.outputs import DELTA_FILE, HashBook, write_delta, write_diffusers
 from uce_cli.plan import EditPlan
 from uce_cli.recipe import OUTPUT_FORMATS
-from uce_cli.singlefile import UNET_PREFIX, ldm_kv_names, read_single_file_kv
 from uce_cli.solve import check_base_weights, check_result
 from uce_cli.tensorfile import SavedFile, save_tensors
 
@@ -64,6 +64,7 @@ FORMAT_FILES = {
     "operator": OPERATOR_FILE,
 }
 SINGLE_FILE = "model.safetensors"
+DENOISERS = ("unet", "transformer")  # the components editable tensors live in
 # Where a folder holds several edit files, the most exact one answers for it.
 _FOLDER_ORDER = (DELTA_FILE, SINGLE_FILE, OPERATOR_FILE, LORA_FILE, KOHYA_FILE)
 
@@ -136,7 +137,7 @@ def write_formats(
     old: dict[str, torch.Tensor],
     new: dict[str, torch.Tensor],
     metadata: dict[str, str],
-    k: torch.Tensor | None = None,
+    k: torch.Tensor | dict[str, torch.Tensor] | None = None,
     projections: list[str] | None = None,
     lora_rank: int | None = None,
     hashes: HashBook | None = None,
@@ -149,8 +150,8 @@ def write_formats(
         formats: names from ``FORMATS``.
         old: W_old per edited key; new: W_new per edited key.
         metadata: strings stored in every file's header (base model, recipe hash, alignment, …).
-        k: the operator, when the edit is one (LoRA then factors W_old(K − I) in float64; required
-            for the operator format).
+        k: the operator per group (a bare tensor: the one group's), when the edit is one (LoRA
+            then factors W_old(K − I) in float64; required for the operator format).
         projections: the projections K applies to (operator format).
         lora_rank: truncate LoRA factors to this rank (None: exact).
         hashes: receives the hashes of files it wrote or copied, so they are not read again.
@@ -166,9 +167,25 @@ def write_formats(
     written = Written()
     if not formats:
         return written
+    family = model.family
+    assert family is not None
+    if isinstance(k, torch.Tensor):
+        [group] = {t.group for t in model.kv}
+        k = {group: k}
+    group_of = {t.key: t.group for t in model.kv}
+    if "lora-kohya" in formats and any(family.kohya_name(key) is None for key in new):
+        raise EditFileError(
+            f"the lora-kohya format has no layout for {family.label} — uce writes kohya LoRA keys "
+            "for families that have them; use the lora (diffusers) format"
+        )
+    if "single-file" in formats and family.single_file() is None:
+        raise EditFileError(
+            f"the single-file format has no layout for {family.label} — uce writes none for this "
+            "family; use the diffusers, delta or LoRA format"
+        )
     for key, w in new.items():
         check_result(f"{model.denoiser}.{key}", w)
-    meta = dict(metadata)
+    meta = {"family": family.name, **metadata}
     if "text_encoder_weights_sha256" not in meta:  # hashing reads the whole text encoder
         meta["text_encoder_weights_sha256"] = text_encoder_weights_sha256(model.root)
     if any(f.startswith("lora") for f in formats):
@@ -188,7 +205,8 @@ def write_formats(
         for key, w_new in new.items():
             w_old = old[key].to(torch.float64)
             if k is not None:  # exact: ΔW = W_old (K − I), not the difference of rounded weights
-                delta = w_old @ (k.to(torch.float64) - torch.eye(k.shape[0], dtype=torch.float64))
+                kg = k[group_of[key]].to(torch.float64)
+                delta = w_old @ (kg - torch.eye(kg.shape[0], dtype=torch.float64))
             else:
                 delta = w_new.to(torch.float64) - w_old
             factors[key] = factorize_delta(delta, lora_rank)
@@ -205,7 +223,7 @@ def write_formats(
                     "lora_rank": str(lora_rank or "exact"),
                 }
                 saved = save_tensors(
-                    lora_state_dict(factors, layout, model.denoiser),
+                    lora_state_dict(factors, layout, model.denoiser, family.kohya_name),
                     stage / FORMAT_FILES[name],
                     lora_meta,
                 )
@@ -269,14 +287,22 @@ def load_edit(path: Path | str, allow_pickle: bool = False) -> Edit:
     fmt = meta.get("format", "")
     if fmt == "uce-operator" or keys == ["K"]:
         return Edit("operator", path, meta, operator=read_operator(path, allow_pickle))
-    if any(k.startswith(UNET_PREFIX) for k in keys):
-        kv = {name: tensors[key] for key, name in ldm_kv_names(keys).items()} if tensors else {}
+    found = single_file_layout(keys)
+    if found is not None:
+        names = found[1].editable_names(keys)
+        kv = {name: tensors[key] for key, name in names.items()} if tensors else {}
         return Edit("model", path, meta, kv, model=str(path))  # pickle: tensors already read
     tensors = tensors or read_tensors(path)[0]
     if fmt == "uce-lora" or is_lora(keys):
         return Edit("lora", path, meta, tensors)
-    if fmt == "uce-delta" or all(k.startswith("unet.") for k in keys):
-        return Edit("delta", path, meta, {k.removeprefix("unet."): v for k, v in tensors.items()})
+    denoiser = keys[0].split(".")[0] if keys else ""
+    if fmt == "uce-delta" or (
+        denoiser in DENOISERS and all(k.startswith(f"{denoiser}.") for k in keys)
+    ):
+        return Edit(
+            "delta", path, meta,
+            {k.removeprefix(f"{denoiser}."): v for k, v in tensors.items()},
+        )  # fmt: skip
     raise EditFileError(
         f"{path}: not a uce edit (delta, LoRA, operator) nor a checkpoint — first tensor '{keys[0]}'"
     )
@@ -312,7 +338,7 @@ def edit_weights(edit: Edit, base: BaseModelFiles | None) -> dict[str, torch.Ten
         if edit.tensors:
             return dict(edit.tensors)
         if path.is_file():
-            return read_single_file_kv(path)
+            return read_single_file_editable(path)
         return open_model(edit.model or str(edit.path)).read_kv()
     if base is None:
         if edit.kind == "delta":
@@ -327,7 +353,8 @@ def edit_weights(edit: Edit, base: BaseModelFiles | None) -> dict[str, torch.Ten
         return operator_weights(edit.operator, base)
     _check_text_encoder(edit, base)
     if edit.kind == "lora":
-        deltas = read_lora_deltas(edit.tensors, list(shapes), base.denoiser)
+        assert base.family is not None
+        deltas = read_lora_deltas(edit.tensors, list(shapes), base.denoiser, base.family.kohya_name)
         for key, dw in deltas.items():
             if tuple(dw.shape) != shapes[key]:
                 raise EditFileError(
@@ -346,11 +373,11 @@ def edit_weights(edit: Edit, base: BaseModelFiles | None) -> dict[str, torch.Ten
     for key, w in edit.tensors.items():
         if key not in shapes:
             raise EditFileError(
-                f"{edit.path}: tensor 'unet.{key}' is not a cross-attention k/v tensor of {base.spec} — wrong base"
+                f"{edit.path}: tensor '{base.denoiser}.{key}' is not a cross-attention k/v tensor of {base.spec} — wrong base"
             )
         if tuple(w.shape) != shapes[key]:
             raise EditFileError(
-                f"{edit.path}: tensor 'unet.{key}' is {tuple(w.shape)}, {base.spec} has {shapes[key]} — wrong base"
+                f"{edit.path}: tensor '{base.denoiser}.{key}' is {tuple(w.shape)}, {base.spec} has {shapes[key]} — wrong base"
             )
         out[key] = w.to(weight_dtype(dtypes[key]))
         check_result(f"{base.denoiser}.{key}", out[key])

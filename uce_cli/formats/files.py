@@ -14,59 +14,17 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
-from uce_cli.errors import UceError
+from uce_cli.errors import EditFileError  # noqa: F401 - re-exported for the formats
 from uce_cli.outputs import digest_of, tensor_digests
+from uce_cli.weights import (  # noqa: F401 - the pickle rules, re-exported for the formats
+    PICKLE_SUFFIXES,
+    is_pickle,
+    load_pickle,
+    refuse_pickle,
+)
 
 if TYPE_CHECKING:
     from uce_cli.model import BaseModelFiles
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-
-
-class EditFileError(UceError):
-    """An edit file (delta, LoRA, operator, checkpoint) is missing, corrupt or does not fit the base."""
-
-
-def is_pickle(path: Path) -> bool:
-    """True for the file suffixes that hold Python pickles."""
-    return path.suffix.lower() in PICKLE_SUFFIXES
-
-
-def refuse_pickle(path: Path, allow_pickle: bool) -> None:
-    """Raise unless pickle loading was allowed explicitly.
-
-    Raises:
-        EditFileError: naming the file and the flag that allows it.
-    """
-    if is_pickle(path) and not allow_pickle:
-        raise EditFileError(
-            f"{path} is a pickle file, and unpickling can run arbitrary code — convert it to "
-            ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
-        )
-
-
-def load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A pickle checkpoint's tensors, via ``torch.load(weights_only=True)``; A1111's ``state_dict`` nesting is unwrapped.
-
-    Raises:
-        EditFileError: the file cannot be unpickled safely, or holds no tensors.
-    """
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError: all mean "not usable"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EditFileError(
-            f"cannot load {path} with weights_only=True ({reason}) — the file is corrupt or not a checkpoint"
-        ) from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise EditFileError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
-    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise EditFileError(f"{path} holds no tensors")
-    # Tensors unpickled from one file may share storage; cloning makes each safe to save alone.
-    return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
 def read_metadata(path: Path) -> tuple[list[str], dict[str, str]]:

@@ -12,6 +12,7 @@ its float64 SVD. Two key layouts, both loaded by diffusers' ``pipe.load_lora_wei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,16 +93,24 @@ def kohya_name(key: str) -> str:
 
 
 def lora_state_dict(
-    factors: dict[str, LoraFactors], layout: str, denoiser: str = "unet"
+    factors: dict[str, LoraFactors],
+    layout: str,
+    denoiser: str = "unet",
+    kohya: Callable[[str], str | None] = kohya_name,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file in the given key layout (``diffusers`` or ``kohya``)."""
+    """The tensors of a LoRA file in the given key layout (``diffusers`` or ``kohya``).
+
+    ``kohya`` names a key's kohya module (the family's ``kohya_name``).
+    """
     state: dict[str, torch.Tensor] = {}
     for key, f in factors.items():
         if layout == "diffusers":
             state[f"{denoiser}.{_module(key)}.lora_A.weight"] = f.down
             state[f"{denoiser}.{_module(key)}.lora_B.weight"] = f.up
         else:
-            name = kohya_name(key)
+            name = kohya(key)
+            if name is None:
+                raise EditFileError(f"{denoiser}.{key} has no kohya LoRA name")
             state[f"{name}.lora_down.weight"] = f.down
             state[f"{name}.lora_up.weight"] = f.up
             state[f"{name}.alpha"] = torch.tensor(float(f.rank))
@@ -114,7 +123,10 @@ def is_lora(keys: list[str]) -> bool:
 
 
 def read_lora_deltas(
-    tensors: dict[str, torch.Tensor], kv_keys: list[str], denoiser: str = "unet"
+    tensors: dict[str, torch.Tensor],
+    kv_keys: list[str],
+    denoiser: str = "unet",
+    kohya: Callable[[str], str | None] = kohya_name,
 ) -> dict[str, torch.Tensor]:
     """ΔW (float64) per base k/v key from a LoRA state dict in either layout.
 
@@ -122,11 +134,12 @@ def read_lora_deltas(
         tensors: the LoRA file's tensors.
         kv_keys: the base model's k/v keys (kohya names are matched against them).
         denoiser: the component prefix of the diffusers layout.
+        kohya: a key's kohya module name (the family's ``kohya_name``).
 
     Raises:
         EditFileError: a LoRA module that is not a k/v projection of this base, or a missing factor.
     """
-    by_kohya = {kohya_name(k): k for k in kv_keys}
+    by_kohya = {name: k for k in kv_keys if (name := kohya(k)) is not None}
     by_module = {f"{denoiser}.{_module(k)}": k for k in kv_keys}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():

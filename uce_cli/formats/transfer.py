@@ -88,7 +88,7 @@ def write_edit(
             old,
             new,
             meta,
-            k=op.k if op is not None else None,
+            k=op.ks if op is not None else None,
             projections=op.projections if op is not None else None,
             lora_rank=lora_rank,
             hashes=hashes,
