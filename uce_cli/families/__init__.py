@@ -17,7 +17,11 @@ from uce_cli.errors import ModelError
 from uce_cli.families.base import Family, SingleFileLayout
 
 # (module, class), in the order their claims are tried.
-FAMILIES: tuple[tuple[str, str], ...] = (("uce_cli.families.sd", "SD"),)
+FAMILIES: tuple[tuple[str, str], ...] = (
+    ("uce_cli.families.sd", "SD"),
+    ("uce_cli.families.pixart", "PixArtFamily"),
+    ("uce_cli.families.sana", "SanaFamily"),
+)
 # A folder no family claims by its _class_name, and whose _class_name is none of KNOWN's, is
 # opened as this family when its components fit (a UNet and one CLIP text encoder): its own
 # check_components names what does not.

@@ -152,6 +152,10 @@ class Family(ABC):
         return None
 
     # --- third-party layouts; None where the family has none (the format is then refused) ----
+    # Whether the family's diffusers pipeline loads a diffusers-layout LoRA (``load_lora_weights``,
+    # keys ``<denoiser>.<module>.lora_A/B.weight``); False: the lora format is refused.
+    diffusers_lora: ClassVar[bool] = True
+
     def kohya_name(self, key: str) -> str | None:
         """kohya LoRA module name of an editable key (``lora_unet_…``), or None if unsupported."""
         return None

@@ -312,6 +312,7 @@ class PixArtFamily(CaptionFamily):
     pipelines: ClassVar[str] = "PixArt-α/Σ pipelines (PixArtAlphaPipeline, PixArtSigmaPipeline)"
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     encoder_classes: ClassVar[tuple[str, ...]] = ("T5EncoderModel",)
+    diffusers_lora: ClassVar[bool] = False  # PixArt pipelines have no load_lora_weights (0.42)
     reads: ClassVar[str] = "T5 hidden states (masked) → caption_projection"
 
     @classmethod
