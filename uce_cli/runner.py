@@ -196,7 +196,7 @@ def open_stage(
     keys = [t.key for t in model.kv if t.projection in plan.projections]
     pipe = None
     with ThreadPoolExecutor(max_workers=1) as pool:
-        encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
+        encoder_hash = pool.submit(text_encoder_weights_sha256, model.root, model.family)
         kv_hash_job = pool.submit(kv_weights_sha256, model, keys)
         text_path = None
         if plan.loop is not None:

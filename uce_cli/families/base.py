@@ -112,6 +112,10 @@ class Family(ABC):
     denoiser: ClassVar[str]  # the component holding the editable weights: "unet" | "transformer"
     pipeline_prefixes: ClassVar[tuple[str, ...]]  # model_index _class_name prefixes it claims
 
+    # Prefixes of denoiser tensors that belong to the text path (PixArt's ``caption_projection.``):
+    # their bytes join the text encoder's in ``text_encoder_weights_sha256``, the edit's identity.
+    text_tensor_prefixes: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, root: Path, index: dict[str, Any]) -> None:
         self.root = root
         self.index = index

@@ -31,7 +31,6 @@ Outputs: diffusers' PixArt pipelines have no ``load_lora_weights`` and the trans
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from uce_cli.errors import ModelError
 from uce_cli.families.base import Family, Group, TextPath, Tokens
+from uce_cli.weights import read_json_config, weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -59,45 +59,17 @@ def call_default(pipeline_class: type, name: str) -> Any:
     return inspect.signature(pipeline_class.__call__).parameters[name].default
 
 
-def denoiser_files(root: Path) -> list[Path]:
-    """The transformer's safetensors files (one, or the shards its index names)."""
-    folder = root / DENOISER
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    single = folder / "diffusion_pytorch_model.safetensors"
-    if not single.is_file():
-        raise ModelError(
-            f"{folder} has no diffusion_pytorch_model.safetensors — uce reads safetensors only"
-        )
-    return [single]
-
-
 def read_denoiser_tensors(root: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The transformer's tensors whose names start with ``prefix``, prefix removed."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
-    for path in denoiser_files(root):
+    for path in weight_files(root / DENOISER, "diffusion_pytorch_model"):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 if key.startswith(prefix):
                     out[key.removeprefix(prefix)] = f.get_tensor(key)
     return out
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A component's config.json, with a clear error when it is missing or not JSON."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(
-            f"cannot read {path}: {exc} — is this a complete diffusers folder?"
-        ) from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path} is not a JSON object — is this a diffusers config?")
-    return config
 
 
 class CaptionPath(TextPath):
@@ -233,13 +205,9 @@ class CaptionFamily(Family):
         match = CROSS_KV_KEY.match(key)
         return ("text", match["proj"]) if match else None
 
-    def transformer_config(self) -> dict[str, Any]:
-        """The transformer's config.json."""
-        return read_config(self.root / DENOISER / "config.json")
-
     def inner_width(self) -> tuple[int, int]:
         """(caption_channels, inner width) from the transformer config; attn2 must read the latter."""
-        config = self.transformer_config()
+        config = read_json_config(self.root / DENOISER / "config.json")
         try:
             inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
             channels = int(config["caption_channels"])
@@ -261,18 +229,9 @@ class CaptionFamily(Family):
         return (Group("text", self.inner_width()[1], self.reads),)
 
     def text_encoder_files(self) -> list[Path]:
-        """The text encoder's safetensors files (the caption projection sits in the denoiser's)."""
-        folder = self.root / "text_encoder"
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            return [
-                folder / s
-                for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            ]
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise ModelError(f"{folder} has no safetensors weights — uce reads safetensors only")
-        return files
+        """The text encoder's safetensors files (the caption projection's tensors, in the
+        denoiser's files, join the identity through ``text_tensor_prefixes``)."""
+        return weight_files(self.root / "text_encoder", "model")
 
     def load_encoder(self, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
         """The text encoder (safetensors only) on ``device``, eval, without gradients."""
@@ -313,6 +272,7 @@ class PixArtFamily(CaptionFamily):
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     encoder_classes: ClassVar[tuple[str, ...]] = ("T5EncoderModel",)
     diffusers_lora: ClassVar[bool] = False  # PixArt pipelines have no load_lora_weights (0.42)
+    text_tensor_prefixes: ClassVar[tuple[str, ...]] = ("caption_projection.",)
     reads: ClassVar[str] = "T5 hidden states (masked) → caption_projection"
 
     @classmethod

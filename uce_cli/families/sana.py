@@ -136,6 +136,7 @@ class SanaFamily(CaptionFamily):
     name: ClassVar[str] = "sana"
     label: ClassVar[str] = "Sana"
     pipelines: ClassVar[str] = "Sana pipelines (SanaPipeline)"
+    text_tensor_prefixes: ClassVar[tuple[str, ...]] = ("caption_projection.", "caption_norm.")
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("SanaPipeline",)
     encoder_classes: ClassVar[tuple[str, ...]] = ("Gemma2Model", "Gemma2ForCausalLM")
     reads: ClassVar[str] = "Gemma 2 hidden states (masked) → caption_projection → caption_norm"

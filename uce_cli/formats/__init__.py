@@ -138,9 +138,9 @@ def refuse_formats(family: Family, formats: list[str], keys: list[str]) -> None:
     Raises:
         EditFileError: naming the format, the family and the formats that work for it.
     """
-    usable = "the diffusers, delta or lora format" if family.diffusers_lora else (
-        "the diffusers or delta format"
-    )
+    usable = "the diffusers, delta or lora format"
+    if not family.diffusers_lora:
+        usable = "the diffusers or delta format"
     if "lora" in formats and not family.diffusers_lora:
         raise EditFileError(
             f"the lora format is not loadable for {family.label}: its diffusers pipeline has no "
@@ -206,7 +206,7 @@ def write_formats(
         check_result(f"{model.denoiser}.{key}", w)
     meta = {"family": family.name, **metadata}
     if "text_encoder_weights_sha256" not in meta:  # hashing reads the whole text encoder
-        meta["text_encoder_weights_sha256"] = text_encoder_weights_sha256(model.root)
+        meta["text_encoder_weights_sha256"] = text_encoder_weights_sha256(model.root, model.family)
     if any(f.startswith("lora") for f in formats):
         check_rank(lora_rank, {f"{model.denoiser}.{key}": tuple(w.shape) for key, w in new.items()})
     if "operator" in formats and k is None:
@@ -329,7 +329,7 @@ def load_edit(path: Path | str, allow_pickle: bool = False) -> Edit:
 
 def _check_text_encoder(edit: Edit, base: BaseModelFiles) -> None:
     expected = edit.metadata.get("text_encoder_weights_sha256")
-    if expected and expected != text_encoder_weights_sha256(base.root):
+    if expected and expected != text_encoder_weights_sha256(base.root, base.family):
         raise EditFileError(
             f"{edit.path}: text_encoder_weights_sha256 {expected[:12]}… does not match {base.spec}'s text encoder — "
             "this edit was made for a base with another text encoder"

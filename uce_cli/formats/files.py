@@ -20,10 +20,13 @@ from uce_cli.weights import (  # noqa: F401 - the pickle rules, re-exported for 
     PICKLE_SUFFIXES,
     is_pickle,
     load_pickle,
+    read_header,
     refuse_pickle,
+    weight_files,
 )
 
 if TYPE_CHECKING:
+    from uce_cli.families.base import Family
     from uce_cli.model import BaseModelFiles
 
 
@@ -65,12 +68,14 @@ def read_tensors(
         raise EditFileError(f"cannot read tensors of {path}: {exc} — the file is corrupt") from None
 
 
-def text_encoder_weights_sha256(root: Path) -> str:
+def text_encoder_weights_sha256(root: Path, family: Family | None = None) -> str:
     """The identity of a pipeline's text encoder: sha256 over its tensors' names, dtypes, shapes and bytes.
 
     Names are taken without transformers' optional ``text_model.`` prefix and ``position_ids`` buffers
     are skipped, so the same weights hash the same whichever library version saved them, while any
-    change of a weight (or of its dtype) changes the hash.
+    change of a weight (or of its dtype) changes the hash. Where the family's text path continues
+    inside the denoiser (``family.text_tensor_prefixes``: PixArt's caption projection), those
+    tensors join, named ``<denoiser>.<key>``: the vectors the edit is built on depend on them too.
     """
     folder = root / "text_encoder"
     index = folder / "model.safetensors.index.json"
@@ -91,6 +96,12 @@ def text_encoder_weights_sha256(root: Path) -> str:
         for key, description in digests.items():
             if not key.endswith("position_ids"):
                 parts[key.removeprefix("text_model.")] = description
+    if family is not None and family.text_tensor_prefixes:
+        for file in weight_files(root / family.denoiser, "diffusion_pytorch_model"):
+            keys, _ = read_header(file)
+            wanted = {k for k in keys if k.startswith(family.text_tensor_prefixes)}
+            for key, description in tensor_digests(file, wanted).items():
+                parts[f"{family.denoiser}.{key}"] = description
     return digest_of(parts)
 
 
