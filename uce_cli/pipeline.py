@@ -76,7 +76,9 @@ def image_size(
         vae = json.loads((root / "vae" / "config.json").read_text())
         sample = unet["sample_size"]
         h, w = (sample, sample) if isinstance(sample, int) else sample
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        # AutoencoderKL: block_out_channels; AutoencoderDC (Sana): encoder_block_out_channels
+        blocks = vae.get("block_out_channels") or vae["encoder_block_out_channels"]
+        factor = 2 ** (len(blocks) - 1)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise ModelError(
             f"{root}: cannot read the image size from the {denoiser}/vae configs ({exc}) — pass --height and --width"

@@ -150,6 +150,11 @@ class Family(ABC):
         """Sort key for editable tensors: the denoiser's own order (tables read top to bottom)."""
         return tuple(int(x) if x.isdigit() else x for x in key.split("."))
 
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments ``uce sample`` passes to the family's pipeline call, so that
+        it conditions on exactly the vectors uce edits (e.g. no caption rewriting)."""
+        return {}
+
     def text_path_of(self, pipe: Any) -> TextPath | None:
         """The text path over a loaded pipeline's own tokenizers and encoders (the debias loop
         samples with that pipeline and encodes with it); None: ``text_path`` loads them again."""

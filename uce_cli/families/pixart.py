@@ -256,6 +256,12 @@ class CaptionFamily(Family):
         except Exception as exc:  # broken tokenizer folders raise many kinds of errors
             raise ModelError(f"cannot load the tokenizer from {self.root}: {exc}") from exc
 
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Captions lowercased/stripped as uce encodes them (not ``_clean_caption``), and images
+        drawn at exactly the requested size (no aspect-ratio binning, which needs the real
+        sample sizes and would resize the image)."""
+        return {"clean_caption": False, "use_resolution_binning": False}
+
     def pipeline_class(self) -> type:
         """The diffusers pipeline class model_index.json names."""
         import diffusers
