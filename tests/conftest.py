@@ -35,6 +35,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("base") / "tiny-sd", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-2.x-shaped diffusers folder (seed 0; OpenCLIP-style text encoder, linear
+    projections, v-prediction), read-only by convention."""
+    from uce_cli.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("base-sd2") / "tiny-sd2", seed=0, variant="sd2")
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     """Write a recipe file and return its path."""
     folder.mkdir(parents=True, exist_ok=True)

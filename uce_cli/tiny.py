@@ -1,5 +1,6 @@
-"""Build a tiny, seeded Stable Diffusion 1.x pipeline for smoke tests: its images are noise, but its
-on-disk diffusers layout matches a real SD 1.x folder so the real loading path is exercised."""
+"""Build tiny, seeded Stable Diffusion 1.x and 2.x pipelines for smoke tests: their images are noise,
+but their on-disk diffusers layouts match real SD 1.x / 2.x folders so the real loading paths are
+exercised."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ __all__ = [
     "TINY_CLIP_NAME",
     "TINY_MODEL_NAME",
     "build_tiny_pipeline",
+    "build_tiny_sd2_pipeline",
     "build_tiny_tokenizer",
     "ensure_tiny_clip",
     "ensure_tiny_model",
@@ -251,11 +253,14 @@ def _tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def build_tiny_tokenizer() -> CLIPTokenizer:
+def build_tiny_tokenizer(pad_token: str = _EOS) -> CLIPTokenizer:
     """Build a real CLIP byte-level BPE tokenizer with a small generated vocabulary.
 
     Template words ("painting", "by", "of", ...) are single tokens; unseen words such as artist
     names split into several tokens and never into the unknown token.
+
+    Args:
+        pad_token: SD 1.x pads with EOS (the default); SD 2.x's tokenizer pads with ``"!"``.
 
     Returns:
         A ``CLIPTokenizer`` with SD 1.x's special tokens and ``model_max_length=77``.
@@ -271,7 +276,7 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         unk_token=_EOS,
         bos_token=_BOS,
         eos_token=_EOS,
-        pad_token=_EOS,
+        pad_token=pad_token,
         model_max_length=_MAX_LENGTH,
     )
 
@@ -304,12 +309,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     Returns:
         A ``StableDiffusionPipeline`` on CPU without a safety checker.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()
@@ -346,20 +346,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             attention_head_dim=8,
             norm_num_groups=32,
         )
-    with _seeded(seed):
-        # Four blocks give SD's VAE scale factor of 8, so sample_size=8 latents decode to the
-        # 64px default image and code assuming "latent = pixels / 8" behaves as on SD 1.x.
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64, 64, 64),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=64,
-        )
+    vae = _tiny_vae(seed)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -370,6 +357,97 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     return StableDiffusionPipeline(
         vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_vae(seed: int) -> object:
+    """The tiny VAE both SD variants share (SD 1.x and 2.x use the same VAE architecture)."""
+    from diffusers import AutoencoderKL
+
+    with _seeded(seed):
+        # Four blocks give SD's VAE scale factor of 8, so sample_size=8 latents decode to the
+        # 64px default image and code assuming "latent = pixels / 8" behaves as on SD 1.x.
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=64,
+        )
+
+
+def build_tiny_sd2_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Build a tiny SD 2.x-shaped pipeline: SD 2.1's structure at a small width.
+
+    What makes it SD 2.x and not 1.x, as in stabilityai/stable-diffusion-2-1's configs: the text
+    encoder is OpenCLIP converted to a ``CLIPTextModel`` (plain ``gelu``, a projection_dim), the
+    tokenizer pads with ``"!"``, the UNet uses linear projections in its transformers
+    (``use_linear_projection``) and per-block head counts (``attention_head_dim`` a list), and the
+    scheduler predicts v (``prediction_type: v_prediction``).
+
+    Args:
+        seed: Seed for weight initialization; equal seeds give identical weights.
+
+    Returns:
+        A ``StableDiffusionPipeline`` on CPU without a safety checker.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer(pad_token="!")
+    width = 48  # SD 2.x reads 1024-d; any width other than SD 1.x tiny's 32 catches mix-ups
+    with _seeded(seed + 1):
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=width,
+                intermediate_size=4 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=_MAX_LENGTH,
+                hidden_act="gelu",
+                projection_dim=width,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=1,  # SD 2.x's converted config says 1 (not the tokenizer's "!")
+            )
+        )
+    with _seeded(seed + 1):
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=width,
+            attention_head_dim=[2, 4],
+            use_linear_projection=True,
+            norm_num_groups=32,
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -400,7 +478,7 @@ def _write_sd_tokenizer_files(tokenizer_dir: Path) -> None:
     (tokenizer_dir / "tokenizer.json").unlink(missing_ok=True)
 
 
-def _build_in_temp_dir(parent: Path, name: str, seed: int) -> Path:
+def _build_in_temp_dir(parent: Path, name: str, seed: int, variant: str = "sd1") -> Path:
     """Save the tiny pipeline into a fresh hidden temp dir inside ``parent``.
 
     Args:
@@ -408,6 +486,7 @@ def _build_in_temp_dir(parent: Path, name: str, seed: int) -> Path:
             final rename stays on one filesystem and is atomic.
         name: Final folder name, used to label the temp dir.
         seed: Seed for weight initialization.
+        variant: ``sd1`` or ``sd2`` (``build_tiny_sd2_pipeline``).
 
     Returns:
         The temp dir holding a complete diffusers folder.
@@ -416,7 +495,8 @@ def _build_in_temp_dir(parent: Path, name: str, seed: int) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
     try:
         # safetensors only, as on the Hub, so no pickle is ever loaded from the cache.
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        build = build_tiny_sd2_pipeline if variant == "sd2" else build_tiny_pipeline
+        build(seed).save_pretrained(tmp, safe_serialization=True)
         _write_sd_tokenizer_files(tmp / "tokenizer")
         # mkdtemp makes a private 0700 dir and safetensors writes 0600 files; the model folder
         # should be as readable as any other file.
@@ -427,7 +507,7 @@ def _build_in_temp_dir(parent: Path, name: str, seed: int) -> Path:
     return tmp
 
 
-def write_tiny_model(dest: Path, seed: int = 0) -> Path:
+def write_tiny_model(dest: Path, seed: int = 0, variant: str = "sd1") -> Path:
     """Write the tiny pipeline as a diffusers folder at ``dest``.
 
     The folder is built in a sibling temp dir and renamed into place, so ``dest`` is either
@@ -436,6 +516,7 @@ def write_tiny_model(dest: Path, seed: int = 0) -> Path:
     Args:
         dest: Target folder; must not exist, or be an empty directory.
         seed: Seed for weight initialization.
+        variant: ``sd1`` (the default) or ``sd2``.
 
     Returns:
         ``dest``.
@@ -446,7 +527,7 @@ def write_tiny_model(dest: Path, seed: int = 0) -> Path:
     dest = Path(dest)
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
         raise FileExistsError(f"refusing to overwrite existing path: {dest}")
-    tmp = _build_in_temp_dir(dest.parent, dest.name, seed)
+    tmp = _build_in_temp_dir(dest.parent, dest.name, seed, variant)
     try:
         # os.replace of a directory succeeds only onto a missing or empty directory, which is
         # exactly the "never clobber a model" guarantee wanted here.

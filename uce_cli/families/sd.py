@@ -114,6 +114,11 @@ class SD(Family):
         for component in (self.denoiser, "text_encoder", "tokenizer"):
             if component not in self.index:
                 raise ModelError(f"{self.root} has no '{component}' component — {supported}")
+            if not (self.root / component).is_dir():
+                raise ModelError(
+                    f"{self.root}: model_index.json lists '{component}' but the folder "
+                    f"{self.root / component} is missing — the model is incomplete"
+                )
         encoder = self.index["text_encoder"]
         if isinstance(encoder, list) and len(encoder) == 2 and encoder[1] != "CLIPTextModel":
             raise ModelError(

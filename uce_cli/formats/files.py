@@ -69,33 +69,38 @@ def read_tensors(
 
 
 def text_encoder_weights_sha256(root: Path, family: Family | None = None) -> str:
-    """The identity of a pipeline's text encoder: sha256 over its tensors' names, dtypes, shapes and bytes.
+    """The identity of a pipeline's text encoders: sha256 over their tensors' names, dtypes, shapes and bytes.
 
     Names are taken without transformers' optional ``text_model.`` prefix and ``position_ids`` buffers
     are skipped, so the same weights hash the same whichever library version saved them, while any
-    change of a weight (or of its dtype) changes the hash. Where the family's text path continues
+    change of a weight (or of its dtype) changes the hash. Every ``text_encoder*`` folder counts
+    (SDXL, FLUX and SD 3 have several); the names of the second and later ones carry their folder,
+    so a one-encoder pipeline hashes as it always did. Where the family's text path continues
     inside the denoiser (``family.text_tensor_prefixes``: PixArt's caption projection), those
     tensors join, named ``<denoiser>.<key>``: the vectors the edit is built on depend on them too.
     """
-    folder = root / "text_encoder"
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = [
-            folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        ]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise EditFileError(f"{folder} has no safetensors weights to identify the text encoder by")
+    folders = sorted(p for p in root.glob("text_encoder*") if p.is_dir()) or [root / "text_encoder"]
     parts: dict[str, str] = {}  # canonical name → "dtype|shape|sha256(bytes)"
-    for file in files:
-        try:
-            digests = tensor_digests(file)
-        except (OSError, ValueError, KeyError) as exc:
-            raise EditFileError(f"cannot read {file}: {exc} — the file is corrupt") from None
-        for key, description in digests.items():
-            if not key.endswith("position_ids"):
-                parts[key.removeprefix("text_model.")] = description
+    for folder in folders:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [folder / s for s in shards]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise EditFileError(
+                f"{folder} has no safetensors weights to identify the text encoder by"
+            )
+        prefix = "" if folder.name == "text_encoder" else f"{folder.name}/"
+        for file in files:
+            try:
+                digests = tensor_digests(file)
+            except (OSError, ValueError, KeyError) as exc:
+                raise EditFileError(f"cannot read {file}: {exc} — the file is corrupt") from None
+            for key, description in digests.items():
+                if not key.endswith("position_ids"):
+                    parts[prefix + key.removeprefix("text_model.")] = description
     if family is not None and family.text_tensor_prefixes:
         for file in weight_files(root / family.denoiser, "diffusion_pytorch_model"):
             keys, _ = read_header(file)

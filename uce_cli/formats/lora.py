@@ -7,7 +7,8 @@ its float64 SVD. Two key layouts, both loaded by diffusers' ``pipe.load_lora_wei
 - ``diffusers`` (PEFT): ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``; no alpha, so the
   scale is 1 (diffusers' convention: alpha = rank per module);
 - ``kohya`` (A1111, ComfyUI, sd-scripts): ``lora_unet_<module with _>.lora_down.weight`` /
-  ``.lora_up.weight`` / ``.alpha`` with alpha = rank, so alpha / rank = 1.
+  ``.lora_up.weight`` / ``.alpha``, one alpha (the largest rank) for every module and each up
+  factor scaled by rank / alpha, so (alpha / rank)·up·down = ΔW.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def lora_state_dict(
     ``kohya`` names a key's kohya module (the family's ``kohya_name``).
     """
     state: dict[str, torch.Tensor] = {}
+    # kohya scales each module by alpha / rank. One alpha for all modules (the largest rank), with
+    # each up factor scaled by rank / alpha, keeps ΔW = up·down exactly: diffusers' kohya loader
+    # mis-keys per-module alphas that differ (its alpha_pattern), which rescaled those modules.
+    alpha = max((f.rank for f in factors.values()), default=1)
     for key, f in factors.items():
         if layout == "diffusers":
             state[f"{denoiser}.{_module(key)}.lora_A.weight"] = f.down
@@ -112,8 +117,10 @@ def lora_state_dict(
             if name is None:
                 raise EditFileError(f"{denoiser}.{key} has no kohya LoRA name")
             state[f"{name}.lora_down.weight"] = f.down
-            state[f"{name}.lora_up.weight"] = f.up
-            state[f"{name}.alpha"] = torch.tensor(float(f.rank))
+            state[f"{name}.lora_up.weight"] = (
+                f.up if f.rank == alpha else (f.up.double() * (f.rank / alpha)).float()
+            )
+            state[f"{name}.alpha"] = torch.tensor(float(alpha))
     return state
 
 
