@@ -71,6 +71,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "uce_cli.hub",
             "uce_cli.modelspec",
             "uce_cli.tiny",
+            "uce_cli.tiny_transformers",
             "uce_cli.destination",
         ),
     ),
