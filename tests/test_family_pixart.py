@@ -554,3 +554,12 @@ def test_transfer_within_the_caption_path(
     # another family
     result = run("transfer", op, "--model", tiny_sana, "--out", tmp_path / "t3")
     assert result.exit_code == 1 and "only transfers within one model family" in result.stderr
+
+
+def test_apply_names_a_missing_component(tiny_sana: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_sana, tmp_path / "copy"))
+    shutil.rmtree(copy / "transformer")
+    recipe = write_recipe(tmp_path, f"model: {copy}\n{ERASE_RECIPE}")
+    result = run("apply", recipe, "--out", tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "the 'transformer' folder is missing" in result.stderr and str(copy) in result.stderr

@@ -238,7 +238,8 @@ class CaptionFamily(Family):
         import transformers
 
         self.text_encoder_files()  # refuses pickle-only folders with a clear message
-        class_name = self.index["text_encoder"][1]
+        entry = self.index["text_encoder"]  # ["transformers", class], checked by check_components
+        class_name = entry[1] if isinstance(entry, list) else self.encoder_classes[0]
         try:
             encoder = getattr(transformers, class_name).from_pretrained(
                 str(self.root / "text_encoder"), use_safetensors=True, dtype=dtype
@@ -272,14 +273,19 @@ class CaptionFamily(Family):
 class PixArtFamily(CaptionFamily):
     """PixArt-α and PixArt-Σ (PixArtTransformer2DModel, T5 v1.1 XXL)."""
 
-    name: ClassVar[str] = "pixart"
-    label: ClassVar[str] = "PixArt"
+    name = "pixart"
+    label = "PixArt"
     pipelines: ClassVar[str] = "PixArt-α/Σ pipelines (PixArtAlphaPipeline, PixArtSigmaPipeline)"
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     encoder_classes: ClassVar[tuple[str, ...]] = ("T5EncoderModel",)
     diffusers_lora: ClassVar[bool] = False  # PixArt pipelines have no load_lora_weights (0.42)
     text_tensor_prefixes: ClassVar[tuple[str, ...]] = ("caption_projection.",)
     reads: ClassVar[str] = "T5 hidden states (masked) → caption_projection"
+
+    def __init__(self, root: Path, index: dict[str, Any]) -> None:
+        super().__init__(root, index)
+        sigma = index.get("_class_name") == "PixArtSigmaPipeline"
+        self.label = "PixArt-Σ" if sigma else "PixArt-α"  # one name: α and Σ share the text path
 
     @classmethod
     def claims(cls, index: dict[str, Any]) -> bool:

@@ -133,8 +133,8 @@ def load_caption_norm(
 class SanaFamily(CaptionFamily):
     """Sana (SanaTransformer2DModel, Gemma 2 2B)."""
 
-    name: ClassVar[str] = "sana"
-    label: ClassVar[str] = "Sana"
+    name = "sana"
+    label = "Sana"
     pipelines: ClassVar[str] = "Sana pipelines (SanaPipeline)"
     text_tensor_prefixes: ClassVar[tuple[str, ...]] = ("caption_projection.", "caption_norm.")
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("SanaPipeline",)
