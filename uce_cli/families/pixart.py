@@ -195,9 +195,11 @@ class CaptionFamily(Family):
             and len(encoder) == 2
             and encoder[1] not in self.encoder_classes
         ):
+            from uce_cli.families import supported  # the registry imports family modules lazily
+
             raise ModelError(
                 f"{self.root}: its text encoder is a {encoder[1]}, not a "
-                f"{' or '.join(self.encoder_classes)} as a {self.label} pipeline has"
+                f"{' or '.join(self.encoder_classes)} as a {self.label} pipeline has — {supported()}"
             )
 
     def group_of(self, key: str) -> tuple[str, str] | None:
