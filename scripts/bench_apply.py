@@ -208,6 +208,11 @@ def main() -> None:
         help="folder for the model and outputs, kept (default: a temporary folder, removed)",
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where (a) apply, (b) the floor and (c) the naive baseline encode and solve: cpu | cuda",
+    )
+    parser.add_argument(
         "--formats",
         default="diffusers,delta",
         help="output formats of the apply run, comma-separated (e.g. delta)",
@@ -249,10 +254,13 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
         t0 = time.perf_counter()
         m = open_model(plan.model)
-        tok, enc = load_text_encoder(m, torch.device('cpu'), torch.float32)
+        dev = torch.device({args.device!r})
+        tok, enc = load_text_encoder(m, dev, torch.float32)
         n = 0
         for batch, hidden in encode_batches(tok, enc, plan.prompts(), 32):
             n += len(batch)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize()
         kv = m.read_kv()
         RESULT = {{'seconds': time.perf_counter() - t0, 'prompts': n, 'kv_tensors': len(kv)}}
         """
@@ -268,7 +276,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         from uce_cli.runner import run_apply
         plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
         t0 = time.perf_counter()
-        result = run_apply(plan, out=__import__('pathlib').Path({str(out)!r}), force=True, device='cpu', use_cache=False)
+        result = run_apply(plan, out=__import__('pathlib').Path({str(out)!r}), force=True, device={args.device!r}, dtype='fp32', use_cache=False)
         RESULT = {{'seconds': time.perf_counter() - t0, 'stages': result.log['timings'],
                    'prompts': result.log['plan']['unique_prompts']}}
         """
@@ -294,19 +302,20 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         from uce_cli.model import open_model, load_text_encoder
         plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
         m = open_model(plan.model)
-        tok, enc = load_text_encoder(m, torch.device('cpu'), torch.float32)
+        dev = torch.device({args.device!r})
+        tok, enc = load_text_encoder(m, dev, torch.float32)
         keys = [t.key for t in m.kv]
         layers = {args.naive_layers}
         weights = m.read_kv(keys[:layers])
         def embed(texts):
             ids = tok(texts, padding='max_length', max_length=77, truncation=True, return_tensors='pt')
             with torch.no_grad():
-                return enc(ids.input_ids)[0], ids.attention_mask.sum(1) - 2
+                return enc(ids.input_ids.to(dev))[0], ids.attention_mask.sum(1) - 2
         passes = 0
         t0 = time.perf_counter()
         for key in keys[:layers]:
-            W = weights[key].double()
-            mat1 = 0.5 * W.clone(); mat2 = 0.5 * torch.eye(W.shape[1], dtype=torch.float64)
+            W = weights[key].double().to(dev)
+            mat1 = 0.5 * W.clone(); mat2 = 0.5 * torch.eye(W.shape[1], dtype=torch.float64, device=dev)
             for pair in plan.pairs:
                 h, f = embed([pair.source, pair.targets[0][0]]); passes += 2
                 k = 77 - int(max(f))
@@ -319,6 +328,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
                     mat1 += plan.preserve_scale * torch.outer(W @ c_j, c_j)
                     mat2 += plan.preserve_scale * torch.outer(c_j, c_j)
             W_new = mat1 @ torch.inverse(mat2)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         RESULT = {{'seconds_measured': seconds, 'layers_measured': layers, 'layers_total': len(keys),
                    'seconds': seconds * len(keys) / layers, 'encoder_passes_total': passes * len(keys) // layers}}
@@ -375,6 +386,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         "rss_ratio": round(apply["peak_rss_mb"] / full["peak_rss_mb"], 3),
         "formats": args.formats,
         "threads": os.cpu_count(),
+        "device": args.device,
         "disk_peak_gb": round(peak_gb, 2),
     }
     rows = [
@@ -411,7 +423,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         ),
     ]
     print(
-        f"E={args.erase} erase artists × 6 prompts, P={args.preserve} preserve, paper mode, SD 1.4 architecture"
+        f"E={args.erase} erase artists × 6 prompts, P={args.preserve} preserve, paper mode, SD 1.4 architecture, device {args.device}"
     )
     print(f"{'part':38} {'time':>10} {'peak RSS':>10}  notes")
     for name, t, rss, notes in rows:

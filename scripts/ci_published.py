@@ -9,7 +9,7 @@ Prints one line per recipe and a JSON summary; exits 1 if any recipe fails. A re
 prompt set is a large upstream file (I2P, COCO-30k) that is neither cached, in $UCE_DATA_MIRROR nor
 fetchable (offline) is listed as `needs-data`, not failed: the edit itself was applied.
 
-Usage: python scripts/ci_published.py --work runs/published [--plots docs] [--only erase-artists-5]
+Usage: python scripts/ci_published.py --work runs/published [--plots docs] [--only erase-artists-5] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -58,6 +59,45 @@ def uce(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def run_recipe(recipe: Path, args: argparse.Namespace) -> dict:
+    """Validate, dry-run, apply and report one recipe; print its line; return its result."""
+    out = args.work / recipe.stem
+    t0 = time.perf_counter()
+    applied = tiny_loop_copy(recipe, args.work)
+    steps = [
+        ("validate", ["validate", str(recipe)]),
+        ("dry-run", ["apply", str(recipe), "--dry-run", "--model", "builtin:tiny-sd"]),
+        ("apply", ["apply", str(applied), "--model", "builtin:tiny-sd", "--out", str(out), "--force", "-q"]),
+        ("eval", ["eval", str(out), "--force", "-q", "--json"]),
+    ]  # fmt: skip
+    status, detail, figures = "ok", "", {}
+    for name, cmd in steps:
+        done = uce(*cmd)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            if name == "eval" and NO_DATA in last:
+                # A large prompt set (I2P, COCO) offline with no mirror: said, not failed.
+                status, detail = "needs-data", last.removeprefix("error: ")
+            else:
+                status, detail = "FAIL", f"{name}: {last}"
+            break
+        if name == "eval":
+            figures = json.loads(done.stdout)["figures"]
+    seconds = time.perf_counter() - t0
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if v is not None)
+    print(f"{status:15} {recipe.stem:36} {seconds:6.1f}s  {detail or shown}", flush=True)
+    if args.plots and recipe.stem == args.plots_recipe and status == "ok":
+        args.plots.mkdir(parents=True, exist_ok=True)
+        for png in sorted((out / "eval").glob("*.png")):
+            shutil.copyfile(png, args.plots / f"eval-{png.name}")
+    return {
+        "recipe": recipe.stem,
+        "status": status,
+        "seconds": round(seconds, 2),
+        "figures": figures,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,50 +106,14 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=None, help="recipe stem(s) to run")
     parser.add_argument("--plots", type=Path, default=None, help="copy one recipe's plots here")
     parser.add_argument("--plots-recipe", default="erase-artists-5")
+    parser.add_argument("--jobs", type=int, default=1, help="recipes run at the same time")
     args = parser.parse_args()
     recipes = sorted((REPO / "recipes" / "published").glob("*.yaml"))
     if args.only:
         recipes = [r for r in recipes if r.stem in args.only]
-    results, failed = [], 0
-    for recipe in recipes:
-        out = args.work / recipe.stem
-        t0 = time.perf_counter()
-        applied = tiny_loop_copy(recipe, args.work)
-        steps = [
-            ("validate", ["validate", str(recipe)]),
-            ("dry-run", ["apply", str(recipe), "--dry-run", "--model", "builtin:tiny-sd"]),
-            ("apply", ["apply", str(applied), "--model", "builtin:tiny-sd", "--out", str(out), "--force", "-q"]),
-            ("eval", ["eval", str(out), "--force", "-q", "--json"]),
-        ]  # fmt: skip
-        status, detail, figures = "ok", "", {}
-        for name, cmd in steps:
-            done = uce(*cmd)
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or [""])[-1]
-                if name == "eval" and NO_DATA in last:
-                    # A large prompt set (I2P, COCO) offline with no mirror: said, not failed.
-                    status, detail = "needs-data", last.removeprefix("error: ")
-                else:
-                    status, detail = "FAIL", f"{name}: {last}"
-                break
-            if name == "eval":
-                figures = json.loads(done.stdout)["figures"]
-        seconds = time.perf_counter() - t0
-        failed += status == "FAIL"
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if v is not None)
-        print(f"{status:15} {recipe.stem:36} {seconds:6.1f}s  {detail or shown}", flush=True)
-        results.append(
-            {
-                "recipe": recipe.stem,
-                "status": status,
-                "seconds": round(seconds, 2),
-                "figures": figures,
-            }
-        )
-        if args.plots and recipe.stem == args.plots_recipe and status == "ok":
-            args.plots.mkdir(parents=True, exist_ok=True)
-            for png in sorted((out / "eval").glob("*.png")):
-                shutil.copyfile(png, args.plots / f"eval-{png.name}")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job runs uce subprocesses
+        results = list(pool.map(lambda r: run_recipe(r, args), recipes))
+    failed = sum(r["status"] == "FAIL" for r in results)
     print(json.dumps({"recipes": len(results), "failed": failed, "results": results}))
     sys.exit(1 if failed else 0)
 

@@ -182,6 +182,31 @@ def test_eval_images_scored_across_two_ranks_gives_one_process_figures(
         assert figures[2][name] == pytest.approx(value, abs=1e-5), name
 
 
+def test_fid_features_gathered_across_two_ranks_give_the_one_process_figure(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank extracts its share of the features (tests/fakes' extractor); rank 0's FID is the
+    one-process FID and every rank's report says so."""
+    test_eval_images.use_fake_fidelity(monkeypatch)
+    figures = {}
+    for processes in (1, 2):
+        run = test_eval_images.fid_run(tiny_model, tmp_path / str(processes))
+        args = ["eval", run, "--images", "--device", "cpu", "-q", "--no-plots"]
+        if processes == 1:
+            done = runner.invoke(app, [str(a) for a in args])
+            assert done.exit_code == 0, done.stderr
+        else:
+            path = os.pathsep.join([str(test_eval_images.FAKES), os.environ.get("PYTHONPATH", "")])
+            monkeypatch.setenv("PYTHONPATH", path)
+            proc = launch(2, *args)
+            assert proc.returncode == 0, proc.stderr
+        report = json.loads((run / "eval" / "eval.json").read_text())
+        figures[processes] = report["images"]["metrics"]["fid"]
+    assert figures[2]["settings"]["edited_images"] == 4
+    assert figures[2]["settings"]["reference_images"] == 6
+    assert figures[2]["figures"]["fid"] == pytest.approx(figures[1]["figures"]["fid"], rel=1e-5)
+
+
 def test_per_pair_values_come_back_in_one_process_order() -> None:
     from uce_cli.evalimages import _across_ranks
 

@@ -189,3 +189,116 @@ def test_lpips_and_fid(
     assert result.exit_code == 0, result.stderr
     figures = json.loads((run / "eval" / "eval.json").read_text())["figures"]
     assert figures["lpips"] >= 0
+
+
+# --- FID: the real code path with a stand-in extractor (tests/fakes/torch_fidelity) -----------
+FAKES = Path(__file__).parent / "fakes"
+
+
+def fid_run(tiny_model: Path, folder: Path, reference_images: int = 6) -> Path:
+    """An erase run whose evaluate: asks for fid against ``reference_images`` noise images."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "objects.csv").write_text(CSV)
+    reference = folder / "reference"
+    reference.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(reference_images):
+        pixels = rng.integers(0, 256, size=(24 + 8 * (i % 2), 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(reference / f"ref-{i}.png")  # two sizes: batching by size
+    body = """erase:
+  - concepts: [tench]
+    templates: object
+    guide: ""
+evaluate:
+  images:
+    prompts: {file: objects.csv, concept_column: class}
+    images_per_prompt: 2
+    steps: 2
+    reference: reference
+  metrics: [fid]
+"""
+    return apply_recipe(tiny_model, folder, body=body)
+
+
+def use_fake_fidelity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in [m for m in sys.modules if m.startswith("torch_fidelity")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def independent_fid(edited: list[Path], reference: list[Path]) -> float:
+    """FID from the extractor's features by another route: eigenvalues of Σa·Σb (not symmetric)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+
+    @torch.no_grad()
+    def feats(paths: list[Path]) -> torch.Tensor:
+        rows = []
+        for p in paths:
+            x = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+            rows.append(net(x[None])[0][0].double())
+        return torch.stack(rows)
+
+    a, b = feats(edited), feats(reference)
+    ca, cb = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    eig = np.linalg.eigvals(ca @ cb)
+    tr_root = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    diff = (a.mean(0) - b.mean(0)).numpy()
+    return float(diff @ diff + np.trace(ca) + np.trace(cb) - 2 * tr_root)
+
+
+def test_fid_is_the_frechet_distance_of_the_extracted_features(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_fake_fidelity(monkeypatch)
+    run = fid_run(tiny_model, tmp_path / "r")
+    result = runner.invoke(app, ["eval", str(run), "--images", "-q", "--no-plots"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    samples = Path(report["images"]["samples"])
+    fid = report["images"]["metrics"]["fid"]
+    assert fid["settings"]["reference_images"] == 6 and fid["settings"]["edited_images"] == 4
+    edited = sorted((samples / "edited").glob("*.png"))
+    reference = sorted((run.parent / "reference").glob("*.png"))
+    assert len(edited) == 4
+    expected = independent_fid(edited, reference)
+    assert expected > 0.01
+    assert report["figures"]["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_without_its_weights_names_what_to_fetch(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_fake_fidelity(monkeypatch)
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "__init__", offline)
+    run = fid_run(tiny_model, tmp_path / "r")
+    result = runner.invoke(app, ["eval", str(run), "--images", "-q", "--no-plots"])
+    assert result.exit_code == 1
+    assert "metric fid: torch-fidelity's Inception weights are not available here" in result.stderr
+    assert "https://example.invalid/weights-inception.pth" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fid_reference_folder_checked_before_drawing(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_fake_fidelity(monkeypatch)
+    run = fid_run(tiny_model, tmp_path / "r", reference_images=1)
+    result = runner.invoke(app, ["eval", str(run), "--images", "-q", "--no-plots"])
+    assert result.exit_code == 1
+    assert "holds 1 image(s) — FID needs a reference set" in result.stderr
+    assert not (run / "eval" / "samples").exists()

@@ -5,7 +5,7 @@ weights do; a model that is not available offline fails with one line naming wha
 
 Under ``accelerate launch`` the images are drawn across the ranks (``uce sample``'s split), each
 rank scores every world-th (base, edited) pair, and the per-pair values are gathered in the
-one-process order before averaging; FID, which needs all images at once, runs on rank 0."""
+one-process order before averaging; FID gathers every image's Inception features the same way."""
 
 from __future__ import annotations
 
@@ -196,10 +196,8 @@ def image_pairs(
     return pairs
 
 
-def _across_ranks(
-    pairs: list[ImagePair], ranks: Ranks, score: Callable[[list[ImagePair]], list[T]]
-) -> list[T]:
-    """``score(pairs)``, one value per pair in the order of ``pairs``, each rank scoring its share."""
+def _across_ranks(pairs: list[Any], ranks: Ranks, score: Callable[[list[Any]], list[T]]) -> list[T]:
+    """``score(pairs)``, one value per item in the order of ``pairs``, each rank scoring its share."""
     share = ranks.share(pairs)
     parts = ranks.gather(score(share) if share else [])
     values: list[Any] = [None] * len(pairs)
@@ -390,22 +388,117 @@ def lpips_distance(
     }
 
 
-def fid_score(folder: Path, reference: Path, device: torch.device) -> dict:
-    """fid: torch-fidelity's FID between the edited images and a reference folder."""
-    fidelity = _need("torch_fidelity", "fid", EXTRA_TORCHVISION, " (and torchvision)")
+FID_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's port of the TF Inception FID uses
+FID_FEATURES = "2048"  # the pool3 features every published FID is computed on
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _fid_extractor(device: torch.device) -> Callable[[list[Path]], torch.Tensor]:
+    """Paths → (N, 2048) float64 Inception pool3 features, torch-fidelity's extractor.
+
+    Raises:
+        UceError: torch-fidelity missing, or its Inception weights not obtainable (offline).
+    """
+    _need("torch_fidelity", "fid", EXTRA_TORCHVISION, " (and torchvision)")
+    import numpy as np
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    url = getattr(inception, "URL_INCEPTION_V3", "torch-fidelity's Inception weights")
+    try:
+        net = inception.FeatureExtractorInceptionV3(FID_EXTRACTOR, [FID_FEATURES])
+    except Exception as exc:  # the weights download fails offline (URLError, OSError, …)
+        raise UceError(
+            f"metric fid: torch-fidelity's Inception weights are not available here "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}) — download "
+            f"{url} into {torch.hub.get_dir()}/checkpoints/ once"
+        ) from None
+    net = net.eval().to(device)
+
+    def features(paths: list[Path]) -> torch.Tensor:
+        out = []
+        images = [torch.from_numpy(np.array(im, dtype=np.uint8)) for im in _open(paths)]
+        start = 0
+        while start < len(images):  # batches of equal-size images (the extractor resizes them)
+            stop = start + 1
+            while (
+                stop < len(images)
+                and stop - start < BATCH
+                and images[stop].shape == images[start].shape
+            ):
+                stop += 1
+            x = torch.stack([im.permute(2, 0, 1) for im in images[start:stop]]).to(device)
+            with torch.inference_mode():
+                (f,) = net(x)
+            out.append(f.reshape(len(x), -1).to("cpu", torch.float64))
+            start = stop
+        return torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.float64)
+
+    return features
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID of two feature sets (N, d), float64: ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa Σb)^½.
+
+    Σ is the unbiased covariance (as numpy's ``cov`` and torch-fidelity). tr (Σa Σb)^½ is the sum
+    of the square roots of the eigenvalues of Σa^½ Σb Σa^½ (symmetric PSD, so ``eigh`` applies),
+    which equals torch-fidelity's ``sqrtm`` trace without a complex matrix square root.
+    """
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+    middle = torch.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    tr_root = middle.clamp(min=0).sqrt().sum()
+    diff = mu_a - mu_b
+    return float(diff @ diff + cov_a.trace() + cov_b.trace() - 2 * tr_root)
+
+
+def reference_images(reference: Path) -> list[Path]:
+    """The image files of a FID reference folder, sorted (subfolders included).
+
+    Raises:
+        DataError: not a folder, or fewer than two images.
+    """
     if not reference.is_dir():
         raise DataError(f"evaluate.images.reference: {reference} is not a folder of images")
-    result = fidelity.calculate_metrics(
-        input1=str(folder / "edited"),
-        input2=str(reference),
-        fid=True,
-        cuda=device.type == "cuda",
-        verbose=False,
-    )
+    paths = sorted(p for p in reference.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(paths) < 2:
+        raise DataError(
+            f"evaluate.images.reference: {reference} holds {len(paths)} image(s) — FID needs a "
+            "reference set (thousands of images for a meaningful figure)"
+        )
+    return paths
+
+
+def fid_score(
+    pairs: list[ImagePair], reference: Path, device: torch.device, ranks: Ranks | None = None
+) -> dict:
+    """fid: FID between the edited images and a reference folder.
+
+    Each rank extracts the Inception features of its share of the edited and reference images;
+    the features (not the images) are gathered in the one-process order and rank 0's figure is the
+    one every rank reports.
+    """
+    ranks = ranks or Ranks()
+    refs = reference_images(reference)
+    features = _fid_extractor(device)
+
+    def rows(share: list[Path]) -> list[torch.Tensor]:
+        return list(features(share).float()) if share else []  # float32 on the wire
+
+    edited = _across_ranks([p.edited for p in pairs], ranks, rows)
+    real = _across_ranks(refs, ranks, rows)
+    fid = frechet_distance(torch.stack(edited), torch.stack(real)) if ranks.main else None
     return {
-        "figures": {"fid": float(result["frechet_inception_distance"])},
-        "model": "torch-fidelity inception-v3-compat",
-        "settings": {"reference": str(reference)},
+        "figures": {"fid": ranks.broadcast(fid)},
+        "model": f"torch-fidelity {FID_EXTRACTOR}, {FID_FEATURES}-d pool features",
+        "settings": {
+            "reference": str(reference),
+            "reference_images": len(refs),
+            "edited_images": len(pairs),
+            "gathered": "features across ranks (one-process order); statistics in float64",
+        },
     }
 
 
@@ -438,6 +531,8 @@ def evaluate_images(
     ):
         if metric in spec.metrics:
             _need(module, metric, extra)  # fail before drawing any image
+    if "fid" in spec.metrics:
+        reference_images(run.base_dir / (spec.images.reference or ""))
     rows, concepts = image_rows(run, limit)
     folder, manifest = sample_images(run, rows, samples, device, progress, ranks)
     pairs = image_pairs(rows, concepts, folder, manifest, run)
@@ -467,10 +562,8 @@ def evaluate_images(
         reference = run.base_dir / (spec.images.reference or "")
         jobs.append(
             (
-                "fid",  # all images at once: rank 0 computes it, the others take its result
-                lambda: ranks.broadcast(
-                    fid_score(folder, reference, torch_device) if ranks.main else None
-                ),
+                "fid",  # features of every image at once: gathered, then rank 0's figure
+                lambda: fid_score(pairs, reference, torch_device, ranks),
             )
         )
     for name, job in jobs:
