@@ -429,6 +429,11 @@ def _generate(
                 elif role == "base" and saved is not None:
                     apply_edit(getattr(pipe, denoiser), saved)
                     saved = None
+                # absent when not given: each pipeline's own default ("" for PixArt/Sana,
+                # which fail on None)
+                negative = {"negative_prompt": [o.negative_prompt] * len(batch)}
+                if not o.negative_prompt:
+                    negative = {}
                 images = pipe(
                     prompt=[j.row.prompt for j in batch],
                     num_inference_steps=o.steps,
@@ -439,9 +444,7 @@ def _generate(
                     generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
                     output_type="pil",
                     callback_on_step_end=step_done,
-                    # absent when not given: each pipeline's own default ("" for PixArt/Sana,
-                    # which fail on None)
-                    **({"negative_prompt": [o.negative_prompt] * len(batch)} if o.negative_prompt else {}),
+                    **negative,
                     **family_kwargs,
                 ).images
                 for job, image in zip(batch, images, strict=True):
