@@ -72,6 +72,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "uce_cli.modelspec",
             "uce_cli.tiny",
             "uce_cli.tiny_joint",
+            "uce_cli.tiny_transformers",
             "uce_cli.destination",
         ),
     ),
