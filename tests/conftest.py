@@ -137,3 +137,27 @@ def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from uce_cli.tiny_joint import write_tiny_joint
 
     return write_tiny_joint("sd3", tmp_path_factory.mktemp("base") / "tiny-sd3", seed=0)
+
+
+def _tiny_transformer_model(factory: pytest.TempPathFactory, kind: str) -> Path:
+    from uce_cli.tiny_transformers import write_tiny_transformer_model
+
+    return write_tiny_transformer_model(factory.mktemp("base") / f"tiny-{kind}", kind, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny PixArt-α diffusers folder (seed 0), read-only by convention."""
+    return _tiny_transformer_model(tmp_path_factory, "pixart-alpha")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_sigma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny PixArt-Σ diffusers folder (seed 0), read-only by convention."""
+    return _tiny_transformer_model(tmp_path_factory, "pixart-sigma")
+
+
+@pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Sana diffusers folder (seed 0), read-only by convention."""
+    return _tiny_transformer_model(tmp_path_factory, "sana")

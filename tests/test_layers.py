@@ -73,6 +73,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "uce_cli.tiny",
             "uce_cli.tiny_sdxl",
             "uce_cli.tiny_joint",
+            "uce_cli.tiny_transformers",
             "uce_cli.destination",
         ),
     ),

@@ -69,7 +69,13 @@ class GroupRows:
 
 
 def _capped(t: Tokens, length: int) -> Tokens:
-    """A prompt's tokens as the pipeline truncates it to ``length`` (last word before the EOS)."""
+    """A prompt's tokens as the pipeline truncates it to ``length`` (last word before the EOS).
+
+    A prompt that fits keeps its family's own positions (Gemma, for one, has no EOS after the
+    last word).
+    """
+    if t.n_tokens <= length:
+        return t
     n = min(t.n_tokens, length)
     return Tokens(n, min(t.last_word, max(n - 2, 0)), min(t.seen, length))
 

@@ -80,7 +80,9 @@ def image_size(
         # default_sample_size, 128 latents (1024 px at FLUX's VAE factor 8).
         sample = unet.get("sample_size", DEFAULT_SAMPLE_SIZE)
         h, w = (sample, sample) if isinstance(sample, int) else sample
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        # AutoencoderKL: block_out_channels; AutoencoderDC (Sana): encoder_block_out_channels
+        blocks = vae.get("block_out_channels") or vae["encoder_block_out_channels"]
+        factor = 2 ** (len(blocks) - 1)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise ModelError(
             f"{root}: cannot read the image size from the {denoiser}/vae configs ({exc}) — pass --height and --width"

@@ -21,7 +21,7 @@ from uce_cli.distributed import Ranks
 from uce_cli.editlog import build_edit_log, output_fingerprint, relative_paths
 from uce_cli.errors import OutputError, UceError
 from uce_cli.families.base import Family, TextPath
-from uce_cli.formats import edit_metadata, write_formats
+from uce_cli.formats import check_formats, edit_metadata, refuse_formats, write_formats
 from uce_cli.formats.files import kv_files, kv_weights_sha256, text_encoder_weights_sha256
 from uce_cli.model import (
     BaseModelFiles,
@@ -169,6 +169,8 @@ def open_stage(
     """
     model = open_model(plan.model, plan.revision, allow_pickle=allow_pickle)
     assert model.family is not None
+    # a format the family has no loadable layout for is refused before anything is encoded
+    refuse_formats(model.family, check_formats(plan.formats), [t.key for t in model.kv])
     if lora_rank is not None:  # refuse a rank that cannot fit before encoding anything
         from uce_cli.formats.lora import check_rank
 
@@ -194,7 +196,7 @@ def open_stage(
     # both run beside the encoder's loading.
     pipe = None
     with ThreadPoolExecutor(max_workers=1) as pool:
-        encoder_hash = pool.submit(text_encoder_weights_sha256, model.root)
+        encoder_hash = pool.submit(text_encoder_weights_sha256, model.root, model.family)
         kv_hash_job = pool.submit(kv_weights_sha256, model, keys)
         text_path = None
         if plan.loop is not None:

@@ -231,7 +231,10 @@ def run_sample(
             pipe = load_pipeline(base.root, scheduler_cls, device, dtype, base.denoiser)
             progress.finish()
             t0 = time.perf_counter()
-            _generate(pipe, base.denoiser, todo, loaded_edit, options, height, width, progress)
+            _generate(
+                pipe, base.denoiser, todo, loaded_edit, options, height, width, progress,
+                base.family.sample_kwargs() if base.family is not None else {},
+            )  # fmt: skip
             seconds = time.perf_counter() - t0
         grids = _write_grids(mine, jobs, out, common, edit_fields) if compare else []
     finally:
@@ -399,9 +402,10 @@ def _generate(
     height: int,
     width: int,
     progress: Progress,
+    family_kwargs: dict[str, Any],
 ) -> None:
     """Draw the images of ``todo``, a batch at a time, swapping the edit into the pipeline's
-    ``denoiser`` (the family's) only for its jobs."""
+    ``denoiser`` (the family's) only for its jobs; ``family_kwargs`` go to every pipeline call."""
     progress.start(
         f"sampling {len(todo)} images × {o.steps} steps", total=len(todo) * o.steps, unit="step"
     )
@@ -430,9 +434,13 @@ def _generate(
                 elif role == "base" and saved is not None:
                     apply_edit(getattr(pipe, denoiser), saved)
                     saved = None
+                # absent when not given: each pipeline's own default ("" for PixArt/Sana,
+                # which fail on None)
+                negative = {"negative_prompt": [o.negative_prompt] * len(batch)}
+                if not o.negative_prompt:
+                    negative = {}
                 images = pipe(
                     prompt=[j.row.prompt for j in batch],
-                    negative_prompt=[o.negative_prompt] * len(batch) if o.negative_prompt else None,
                     num_inference_steps=o.steps,
                     guidance_scale=o.guidance,
                     height=height,
@@ -441,6 +449,8 @@ def _generate(
                     generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
                     output_type="pil",
                     callback_on_step_end=step_done,
+                    **negative,
+                    **family_kwargs,
                 ).images
                 for job, image in zip(batch, images, strict=True):
                     write_png(image, job.path, job.meta)

@@ -22,6 +22,8 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("uce_cli.families.sdxl", "SdxlFamily"),
     ("uce_cli.families.flux", "FluxFamily"),
     ("uce_cli.families.sd3", "SD3Family"),
+    ("uce_cli.families.pixart", "PixArtFamily"),
+    ("uce_cli.families.sana", "SanaFamily"),
 )
 # A folder no family claims by its _class_name, and whose _class_name is none of KNOWN's, is
 # opened as this family when its components fit (a UNet and one CLIP text encoder): its own

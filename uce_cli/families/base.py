@@ -139,6 +139,10 @@ class Family(ABC):
     # ``uce sample --negative-prompt`` is then refused rather than silently ignored.
     negative_prompt: ClassVar[bool] = True
 
+    # Prefixes of denoiser tensors that belong to the text path (PixArt's ``caption_projection.``):
+    # their bytes join the text encoder's in ``text_encoder_weights_sha256``, the edit's identity.
+    text_tensor_prefixes: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, root: Path, index: dict[str, Any]) -> None:
         self.root = root
         self.index = index
@@ -177,12 +181,21 @@ class Family(ABC):
         """Sort key for editable tensors: the denoiser's own order (tables read top to bottom)."""
         return tuple(int(x) if x.isdigit() else x for x in key.split("."))
 
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments ``uce sample`` passes to the family's pipeline call, so that
+        it conditions on exactly the vectors uce edits (e.g. no caption rewriting)."""
+        return {}
+
     def text_path_of(self, pipe: Any) -> TextPath | None:
         """The text path over a loaded pipeline's own tokenizers and encoders (the debias loop
         samples with that pipeline and encodes with it); None: ``text_path`` loads them again."""
         return None
 
     # --- third-party layouts; None where the family has none (the format is then refused) ----
+    # Whether the family's diffusers pipeline loads a diffusers-layout LoRA (``load_lora_weights``,
+    # keys ``<denoiser>.<module>.lora_A/B.weight``); False: the lora format is refused.
+    diffusers_lora: ClassVar[bool] = True
+
     def kohya_name(self, key: str) -> str | None:
         """kohya LoRA module name of an editable key (``lora_unet_…``), or None if unsupported."""
         return None

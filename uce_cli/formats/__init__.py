@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from uce_cli.families import single_file_layout
+from uce_cli.families.base import Family
 from uce_cli.formats.checkpoint import write_single
 from uce_cli.formats.files import (
     EditFileError,
@@ -130,6 +131,33 @@ class Written:
                 hashes.record(stage / name, saved.sha256)
 
 
+def refuse_formats(family: Family, formats: list[str], keys: list[str]) -> None:
+    """Refuse the formats a family has no loadable layout for (called before encoding, and again
+    before writing).
+
+    Raises:
+        EditFileError: naming the format, the family and the formats that work for it.
+    """
+    usable = "the diffusers, delta or lora format"
+    if not family.diffusers_lora:
+        usable = "the diffusers or delta format"
+    if "lora" in formats and not family.diffusers_lora:
+        raise EditFileError(
+            f"the lora format is not loadable for {family.label}: its diffusers pipeline has no "
+            f"load_lora_weights — use {usable}"
+        )
+    if "lora-kohya" in formats and any(family.kohya_name(key) is None for key in keys):
+        raise EditFileError(
+            f"the lora-kohya format has no layout for {family.label} — uce writes kohya LoRA keys "
+            f"for families that have them; use {usable}"
+        )
+    if "single-file" in formats and family.single_file() is None:
+        raise EditFileError(
+            f"the single-file format has no layout for {family.label} — uce writes none for this "
+            f"family; use {usable}"
+        )
+
+
 def write_formats(
     stage: Path,
     model: BaseModelFiles,
@@ -174,21 +202,12 @@ def write_formats(
         k = {group: k}
     group_of = {t.key: t.group for t in model.kv}
     tensor_of = {t.key: t for t in model.kv}
-    if "lora-kohya" in formats and any(family.kohya_name(key) is None for key in new):
-        raise EditFileError(
-            f"the lora-kohya format has no layout for {family.label} — uce writes kohya LoRA keys "
-            "for families that have them; use the lora (diffusers) format"
-        )
-    if "single-file" in formats and family.single_file() is None:
-        raise EditFileError(
-            f"the single-file format has no layout for {family.label} — uce writes none for this "
-            "family; use the diffusers, delta or LoRA format"
-        )
+    refuse_formats(family, formats, list(new))
     for key, w in new.items():
         check_result(f"{model.denoiser}.{key}", w)
     meta = {"family": family.name, **metadata}
     if "text_encoder_weights_sha256" not in meta:  # hashing reads the whole text encoder
-        meta["text_encoder_weights_sha256"] = text_encoder_weights_sha256(model.root)
+        meta["text_encoder_weights_sha256"] = text_encoder_weights_sha256(model.root, model.family)
     if any(f.startswith("lora") for f in formats):
         check_rank(lora_rank, {f"{model.denoiser}.{key}": tuple(w.shape) for key, w in new.items()})
     if "operator" in formats and k is None:
@@ -313,7 +332,7 @@ def load_edit(path: Path | str, allow_pickle: bool = False) -> Edit:
 
 def _check_text_encoder(edit: Edit, base: BaseModelFiles) -> None:
     expected = edit.metadata.get("text_encoder_weights_sha256")
-    if expected and expected != text_encoder_weights_sha256(base.root):
+    if expected and expected != text_encoder_weights_sha256(base.root, base.family):
         raise EditFileError(
             f"{edit.path}: text_encoder_weights_sha256 {expected[:12]}… does not match {base.spec}'s text encoder — "
             "this edit was made for a base with another text encoder"

@@ -20,10 +20,13 @@ from uce_cli.weights import (  # noqa: F401 - the pickle rules, re-exported for 
     PICKLE_SUFFIXES,
     is_pickle,
     load_pickle,
+    read_header,
     refuse_pickle,
+    weight_files,
 )
 
 if TYPE_CHECKING:
+    from uce_cli.families.base import Family
     from uce_cli.model import BaseModelFiles
 
 
@@ -65,14 +68,16 @@ def read_tensors(
         raise EditFileError(f"cannot read tensors of {path}: {exc} — the file is corrupt") from None
 
 
-def text_encoder_weights_sha256(root: Path) -> str:
+def text_encoder_weights_sha256(root: Path, family: Family | None = None) -> str:
     """The identity of a pipeline's text encoders: sha256 over their tensors' names, dtypes, shapes and bytes.
 
     Names are taken without transformers' optional ``text_model.`` prefix and ``position_ids`` buffers
     are skipped, so the same weights hash the same whichever library version saved them, while any
     change of a weight (or of its dtype) changes the hash. Every ``text_encoder*`` folder counts
     (SDXL, FLUX and SD 3 have several); the names of the second and later ones carry their folder,
-    so a one-encoder pipeline hashes as it always did.
+    so a one-encoder pipeline hashes as it always did. Where the family's text path continues
+    inside the denoiser (``family.text_tensor_prefixes``: PixArt's caption projection), those
+    tensors join, named ``<denoiser>.<key>``: the vectors the edit is built on depend on them too.
     """
     folders = sorted(p for p in root.glob("text_encoder*") if p.is_dir()) or [root / "text_encoder"]
     parts: dict[str, str] = {}  # canonical name → "dtype|shape|sha256(bytes)"
@@ -96,6 +101,12 @@ def text_encoder_weights_sha256(root: Path) -> str:
             for key, description in digests.items():
                 if not key.endswith("position_ids"):
                     parts[prefix + key.removeprefix("text_model.")] = description
+    if family is not None and family.text_tensor_prefixes:
+        for file in weight_files(root / family.denoiser, "diffusion_pytorch_model"):
+            keys, _ = read_header(file)
+            wanted = {k for k in keys if k.startswith(family.text_tensor_prefixes)}
+            for key, description in tensor_digests(file, wanted).items():
+                parts[f"{family.denoiser}.{key}"] = description
     return digest_of(parts)
 
 

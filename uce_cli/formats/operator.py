@@ -149,7 +149,7 @@ def check_operator_base(op: Operator, base: BaseModelFiles, source: Path) -> Non
         raise EditFileError(
             f"{source}: metadata field 'text_encoder_weights_sha256' is missing — cannot tell which text encoder K belongs to"
         )
-    actual = text_encoder_weights_sha256(base.root)
+    actual = text_encoder_weights_sha256(base.root, base.family)
     if actual != expected:
         raise EditFileError(
             f"{source}: text_encoder_weights_sha256 {expected[:12]}… does not match {base.spec}'s text encoder "

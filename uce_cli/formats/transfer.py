@@ -123,7 +123,7 @@ def write_edit(
                 "spec": base.spec,
                 "revision": base.revision,
                 "path": str(base.root),
-                "text_encoder_weights_sha256": text_encoder_weights_sha256(base.root),
+                "text_encoder_weights_sha256": text_encoder_weights_sha256(base.root, base.family),
                 "kv_weights_sha256": meta["base_kv_weights_sha256"],
             },
             layers=layers,
