@@ -173,7 +173,8 @@ def main() -> None:
             build_model(model, args.t5_layers, args.blocks, DTYPES[args.save_dtype])
         build_s = time.perf_counter() - t0
         names = [
-            f"Artist Number {chr(65 + i)}{chr(97 + i)}" for i in range(args.erase + args.preserve)
+            f"Artist Number {chr(65 + i % 26)}{chr(97 + i // 26 % 26)}"
+            for i in range(args.erase + args.preserve)
         ]
         recipe = work / "recipe.yaml"
         recipe.write_text(
