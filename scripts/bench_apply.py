@@ -92,7 +92,7 @@ def build_model(dest: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from uce_cli.tiny import build_tiny_tokenizer
+    from uce_cli.weights.tiny import build_tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
@@ -248,9 +248,9 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
     floor_code = f"""
         sys.path.insert(0, {repo!r})
         import torch
-        from uce_cli.plan import plan_recipe
-        from uce_cli.model import open_model, load_text_encoder
-        from uce_cli.encode import encode_batches
+        from uce_cli.edit.plan import plan_recipe
+        from uce_cli.families.model import open_model, load_text_encoder
+        from uce_cli.edit.encode import encode_batches
         plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
         t0 = time.perf_counter()
         m = open_model(plan.model)
@@ -272,8 +272,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
     apply = child(
         f"""
         sys.path.insert(0, {repo!r})
-        from uce_cli.plan import plan_recipe
-        from uce_cli.runner import run_apply
+        from uce_cli.edit.plan import plan_recipe
+        from uce_cli.commands.apply import run_apply
         plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
         t0 = time.perf_counter()
         result = run_apply(plan, out=__import__('pathlib').Path({str(out)!r}), force=True, device={args.device!r}, dtype='fp32', use_cache=False)
@@ -298,8 +298,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
             f"""
         sys.path.insert(0, {repo!r})
         import torch
-        from uce_cli.plan import plan_recipe
-        from uce_cli.model import open_model, load_text_encoder
+        from uce_cli.edit.plan import plan_recipe
+        from uce_cli.families.model import open_model, load_text_encoder
         plan = plan_recipe(__import__('pathlib').Path({str(recipe)!r}))
         m = open_model(plan.model)
         dev = torch.device({args.device!r})

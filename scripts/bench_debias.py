@@ -25,9 +25,9 @@ import torch
 
 
 def bench_loop(items: int, images_per_seed: int, iterations: int, folder: Path) -> dict:
-    from uce_cli.plan import plan_recipe
-    from uce_cli.runner import run_apply
-    from uce_cli.tiny import write_tiny_clip, write_tiny_model
+    from uce_cli.commands.apply import run_apply
+    from uce_cli.edit.plan import plan_recipe
+    from uce_cli.weights.tiny import write_tiny_clip, write_tiny_model
 
     model = write_tiny_model(folder / "tiny-sd")
     clip = write_tiny_clip(folder / "tiny-clip")
@@ -72,8 +72,8 @@ def bench_loop(items: int, images_per_seed: int, iterations: int, folder: Path) 
 
 
 def bench_solve(items: int, k: int = 74, preserve_prompts: int = 35) -> dict:
-    from uce_cli.solve import Scales, solve_edit
-    from uce_cli.stats import DebiasBlock, EditStats
+    from uce_cli.edit.solve import Scales, solve_edit
+    from uce_cli.edit.stats import DebiasBlock, EditStats
 
     torch.manual_seed(0)
     d = 768

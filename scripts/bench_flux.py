@@ -49,8 +49,8 @@ def build_model(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from uce_cli.tiny import build_tiny_tokenizer
-    from uce_cli.tiny_joint import _vae, build_tiny_t5_tokenizer
+    from uce_cli.weights.tiny import build_tiny_tokenizer
+    from uce_cli.weights.tiny_joint import _vae, build_tiny_t5_tokenizer
 
     clip_tok, t5_tok = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def time_t5(model: Path, prompts: list[str], device: str, dtype: str) -> float:
     """Seconds of T5 forwards over ``prompts`` at 512 tokens, 32 a batch (uce's default)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from uce_cli.model import DTYPES, pick_device, pick_dtype
+    from uce_cli.families.model import DTYPES, pick_device, pick_dtype
 
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device) if dtype == "auto" else DTYPES[dtype]
@@ -155,9 +155,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep the model here (reused when present)")
     args = parser.parse_args()
 
-    from uce_cli.model import DTYPES
-    from uce_cli.plan import plan_recipe
-    from uce_cli.runner import run_apply
+    from uce_cli.commands.apply import run_apply
+    from uce_cli.edit.plan import plan_recipe
+    from uce_cli.families.model import DTYPES
 
     tmp = None
     if args.work is None:

@@ -122,7 +122,10 @@ def build_model(dest: Path, family: str, text_layers: int | None, full_denoiser:
     import transformers
     from safetensors.torch import save_file
 
-    from uce_cli.tiny_transformers import build_tiny_gemma_tokenizer, build_tiny_t5_tokenizer
+    from uce_cli.weights.tiny_transformers import (
+        build_tiny_gemma_tokenizer,
+        build_tiny_t5_tokenizer,
+    )
 
     pipeline, transformer_class, transformer_config, encoder_class = FAMILIES[family]
     torch.manual_seed(0)
@@ -193,8 +196,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     """Build the model, run ``uce apply`` once, return the figures."""
     from safetensors import safe_open
 
-    from uce_cli.plan import plan_recipe
-    from uce_cli.runner import run_apply
+    from uce_cli.commands.apply import run_apply
+    from uce_cli.edit.plan import plan_recipe
 
     layers = None if args.text_layers == "full" else int(args.text_layers)
     started = time.perf_counter()

@@ -99,8 +99,8 @@ def build_model(dest: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from uce_cli.families.sdxl import SdxlFamily
-    from uce_cli.tiny import _write_sd_tokenizer_files, build_tiny_tokenizer
-    from uce_cli.tiny_sdxl import build_tiny_sdxl_tokenizer_2
+    from uce_cli.weights.tiny import _write_sd_tokenizer_files, build_tiny_tokenizer
+    from uce_cli.weights.tiny_sdxl import build_tiny_sdxl_tokenizer_2
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".bench-sdxl-"))
@@ -156,8 +156,8 @@ def build_model(dest: Path) -> Path:
 
 def run(model: Path, out: Path, erase: int, preserve: int, pooled: bool, device: str) -> dict:
     """One `run_apply` (delta output); its timings and sizes."""
-    from uce_cli.plan import plan_recipe
-    from uce_cli.runner import run_apply
+    from uce_cli.commands.apply import run_apply
+    from uce_cli.edit.plan import plan_recipe
 
     projections = "[to_k, to_v, add_embedding]" if pooled else "[to_k, to_v]"
     recipe = out.parent / f"{out.name}.yaml"

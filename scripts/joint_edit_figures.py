@@ -1,7 +1,7 @@
 """Does the closed-form edit of FLUX's text input projections do what it promises, and what does
 it do downstream? The figures behind the FLUX/SD3 decision in docs/families.md.
 
-On the tiny seeded FLUX.1- and SD3-shaped pipelines (``uce_cli.tiny_joint``) it runs one erase
+On the tiny seeded FLUX.1- and SD3-shaped pipelines (``uce_cli.weights.tiny_joint``) it runs one erase
 (two artists, art templates, guide "art", two preserved artists) and prints:
 
 (a) text side, per edited projection — the figures uce logs per layer (``solve.solve_edit``):
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.edit.solve import Scales, solve_edit
+from uce_cli.edit.stats import EditStats
 from uce_cli.families.base import Tokens
 from uce_cli.families.flux import FluxFamily
 from uce_cli.families.joint import CONTEXT_KEY, POOLED_KEY
 from uce_cli.families.sd3 import SD3Family
-from uce_cli.plan import plan_recipe
-from uce_cli.solve import Scales, solve_edit
-from uce_cli.stats import EditStats
-from uce_cli.tiny_joint import write_tiny_joint
+from uce_cli.weights.tiny_joint import write_tiny_joint
 
 RECIPE = """model: {model}
 alignment: {alignment}
@@ -356,7 +356,7 @@ def sd_downstream(work: Path, alignment: str) -> dict[str, dict]:
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from uce_cli.tiny import write_tiny_model
+    from uce_cli.weights.tiny import write_tiny_model
 
     root = write_tiny_model(work / "sd1")
     recipe = work / f"sd1-{alignment}.yaml"

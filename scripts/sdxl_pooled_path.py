@@ -1,7 +1,7 @@
 """Measure what an attn2-only UCE edit of SDXL leaves on the pooled text path, and what a closed-form
 edit of add_embedding.linear_1's text columns changes (docs/families.md, "SDXL").
 
-On the tiny SDXL model (uce_cli/tiny_sdxl.py, seed 0; random weights: the figures say how the
+On the tiny SDXL model (uce_cli/weights/tiny_sdxl.py, seed 0; random weights: the figures say how the
 closed forms behave on SDXL's data flow, not what real SDXL images would show), it erases a concept
 (object templates, guide ""), preserves a few others, in both alignment modes, and solves in float64
 with the formula written out here (DESIGN §1, paper Eq. 7 + λ):
@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from uce_cli.evalprompts import DEFAULT_HELDOUT_TEMPLATES  # noqa: E402
+from uce_cli.edit.evalprompts import DEFAULT_HELDOUT_TEMPLATES  # noqa: E402
 from uce_cli.families.sdxl import POOLED_KEY, SdxlFamily  # noqa: E402
-from uce_cli.tiny_sdxl import write_tiny_sdxl  # noqa: E402
+from uce_cli.weights.tiny_sdxl import write_tiny_sdxl  # noqa: E402
 
 OBJECT = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
 PRESERVE = ("dog", "car", "horse", "tree", "house", "bird")

@@ -30,7 +30,7 @@ def _isolated_env(
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x diffusers folder (seed 0), read-only by convention: copy it to modify it."""
-    from uce_cli.tiny import write_tiny_model
+    from uce_cli.weights.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("base") / "tiny-sd", seed=0)
 
@@ -39,7 +39,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-2.x-shaped diffusers folder (seed 0; OpenCLIP-style text encoder, linear
     projections, v-prediction), read-only by convention."""
-    from uce_cli.tiny import write_tiny_model
+    from uce_cli.weights.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("base-sd2") / "tiny-sd2", seed=0, variant="sd2")
 
@@ -70,8 +70,8 @@ def apply_recipe(
     body: str = ERASE_RECIPE,
 ) -> Path:
     """Run ``body`` on ``model`` into ``folder/out`` (formats override the recipe's); return it."""
-    from uce_cli.plan import plan_recipe
-    from uce_cli.runner import run_apply
+    from uce_cli.commands.apply import run_apply
+    from uce_cli.edit.plan import plan_recipe
 
     plan = plan_recipe(write_recipe(folder, f"model: {model}\n{body}"))
     if formats is not None:
@@ -118,7 +118,7 @@ class PlainEncoder:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL diffusers folder (seed 0), read-only by convention: copy it to modify it."""
-    from uce_cli.tiny_sdxl import write_tiny_sdxl
+    from uce_cli.weights.tiny_sdxl import write_tiny_sdxl
 
     return write_tiny_sdxl(tmp_path_factory.mktemp("base-sdxl") / "tiny-sdxl", seed=0)
 
@@ -126,7 +126,7 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.1-dev-shaped diffusers folder (seed 0); read-only by convention."""
-    from uce_cli.tiny_joint import write_tiny_joint
+    from uce_cli.weights.tiny_joint import write_tiny_joint
 
     return write_tiny_joint("flux", tmp_path_factory.mktemp("base") / "tiny-flux", seed=0)
 
@@ -134,13 +134,13 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD3-shaped diffusers folder (seed 0); read-only by convention."""
-    from uce_cli.tiny_joint import write_tiny_joint
+    from uce_cli.weights.tiny_joint import write_tiny_joint
 
     return write_tiny_joint("sd3", tmp_path_factory.mktemp("base") / "tiny-sd3", seed=0)
 
 
 def _tiny_transformer_model(factory: pytest.TempPathFactory, kind: str) -> Path:
-    from uce_cli.tiny_transformers import write_tiny_transformer_model
+    from uce_cli.weights.tiny_transformers import write_tiny_transformer_model
 
     return write_tiny_transformer_model(factory.mktemp("base") / f"tiny-{kind}", kind, seed=0)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from uce_cli.encode import check_lengths, last_token_spans, paper_spans, token_counts
+from uce_cli.edit.encode import check_lengths, last_token_spans, paper_spans, token_counts
 from uce_cli.errors import UceError
-from uce_cli.tiny import build_tiny_tokenizer
+from uce_cli.weights.tiny import build_tiny_tokenizer
 
 L = 77
 

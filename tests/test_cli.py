@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.conftest import write_recipe
+from uce_cli.artifacts.outputs import sha256_file
 from uce_cli.cli import app
-from uce_cli.outputs import sha256_file
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import PlainEncoder, write_recipe
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
 from uce_cli.errors import RecipeError, UceError
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -251,7 +251,7 @@ def test_loop_with_a_scripted_judge_matches_a_float64_recomputation(
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from uce_cli.tiny import write_tiny_clip
+    from uce_cli.weights.tiny import write_tiny_clip
 
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
@@ -260,7 +260,7 @@ def test_clip_classifier_scores_images_as_clip_does(tiny_clip: Path) -> None:
     from PIL import Image
     from transformers import CLIPModel
 
-    from uce_cli.classify import ClipClassifier, label_ratios
+    from uce_cli.artifacts.classify import ClipClassifier, label_ratios
 
     images = [Image.new("RGB", (64, 64), color) for color in ("red", "blue", "white")]
     labels = ["image of male", "image of female", "image of black"]
@@ -363,7 +363,7 @@ def test_auto_without_classifier_offline_is_one_line(tiny_model: Path, tmp_path:
 
 def test_relative_debias_has_no_operator(tiny_model: Path, tmp_path: Path) -> None:
     """LoRA works from the per-layer result; the operator format and transfer refuse clearly."""
-    from uce_cli.formats.transfer import run_transfer
+    from uce_cli.commands.transfer import run_transfer
 
     recipe = write_recipe(
         tmp_path,
@@ -393,7 +393,7 @@ def test_ctrl_c_writes_nothing_and_says_how_far(
 ) -> None:
     from typer.testing import CliRunner
 
-    import uce_cli.debias
+    import uce_cli.commands.debias
     from uce_cli.cli import app
 
     recipe = _loop_recipe(tiny_model, tmp_path)
@@ -406,7 +406,7 @@ def test_ctrl_c_writes_nothing_and_says_how_far(
             raise KeyboardInterrupt
         return torch.tensor([1.0, 0.0], dtype=torch.float64)  # all "male": far from 0.5
 
-    monkeypatch.setattr(uce_cli.debias, "label_ratios", judge_then_interrupt)
+    monkeypatch.setattr(uce_cli.commands.debias, "label_ratios", judge_then_interrupt)
     result = CliRunner().invoke(app, ["apply", str(recipe), "--out", str(tmp_path / "out")])
     assert result.exit_code == 130, result.output
     assert result.stderr.strip() == (
@@ -466,7 +466,7 @@ output: {{formats: [delta]}}
 
 def test_last_token_loop_is_one_operator(tiny_model: Path, tmp_path: Path) -> None:
     """last-token: absolute α, so each iteration is W·K_t and the written operator is Π K_t."""
-    from uce_cli.formats.operator import read_operator
+    from uce_cli.artifacts.operator import read_operator
 
     recipe = _loop_recipe(tiny_model, tmp_path, extra="alignment: last-token")
     recipe.write_text(recipe.read_text().replace("formats: [delta]", "formats: [delta, operator]"))

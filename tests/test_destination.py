@@ -18,9 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import write_recipe
-from uce_cli import destination
 from uce_cli.cli import app
-from uce_cli.destination import (
+from uce_cli.errors import OutputError, UceWarning
+from uce_cli.weights import destination
+from uce_cli.weights.destination import (
     MARKER_FILE,
     check_destination,
     finalize,
@@ -28,7 +29,6 @@ from uce_cli.destination import (
     resolve_destination,
     staging_dir,
 )
-from uce_cli.errors import OutputError, UceWarning
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -312,13 +312,13 @@ def test_impossible_output_names(tmp_path: Path) -> None:
 def _preserve_entry() -> object:
     import torch
 
-    from uce_cli.cache import PreserveEntry
+    from uce_cli.edit.cache import PreserveEntry
 
     return PreserveEntry(torch.eye(3, dtype=torch.float64), 3)
 
 
 def test_cache_entry_is_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from uce_cli.cache import load_preserve, save_preserve
+    from uce_cli.edit.cache import load_preserve, save_preserve
 
     monkeypatch.setenv("UCE_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "cache" / "preserve" / "k.safetensors").mkdir(parents=True)
@@ -334,7 +334,7 @@ def test_cache_entry_is_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_cache_dir_is_file(tiny_model: Path, tmp_path: Path) -> None:
-    from uce_cli.cache import load_preserve, save_preserve
+    from uce_cli.edit.cache import load_preserve, save_preserve
 
     cache = tmp_path / "cache-file"
     cache.write_text("x")
@@ -384,7 +384,7 @@ def _killed_run(out: Path, window: str) -> None:
     code = f"""
 import os, signal
 from pathlib import Path
-from uce_cli import destination
+from uce_cli.weights import destination
 out, window = Path({str(out)!r}), {window!r}
 stage = destination.staging_dir(out)
 (stage / "new.txt").write_text("new output")
@@ -524,8 +524,8 @@ def test_ctrl_c_during_startup_is_one_line() -> None:
 def test_output_file_modes(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from uce_cli.plan import plan_recipe
-    from uce_cli.runner import run_apply
+    from uce_cli.commands.apply import run_apply
+    from uce_cli.edit.plan import plan_recipe
 
     monkeypatch.setenv("UCE_CACHE_DIR", str(tmp_path / "cache"))
     recipe = write_recipe(tmp_path, recipe_for(tiny_model))

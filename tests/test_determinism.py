@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ERASE_RECIPE, write_recipe
-from uce_cli.formats import FORMATS
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
-from uce_cli.tensorfile import save_tensors
+from uce_cli.artifacts.formats import FORMATS
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.weights.tensorfile import save_tensors
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -25,7 +25,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random CLIP model and processor, saved as a hub folder would be."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from uce_cli.tiny import build_tiny_tokenizer
+    from uce_cli.weights.tiny import build_tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     tok = build_tiny_tokenizer()

@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
 from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
+from uce_cli.artifacts.lora import LORA_FILE
 from uce_cli.cli import app
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
 from uce_cli.errors import ModelError
 from uce_cli.families.pixart import PixArtFamily
 from uce_cli.families.sana import SanaFamily
-from uce_cli.formats.lora import LORA_FILE
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
 
 PROMPTS = ["painting by Kelly Mckernan", "", "  A photo of a CAT  ", "art"]
 KINDS = ["tiny_pixart", "tiny_pixart_sigma", "tiny_sana"]
@@ -538,7 +538,7 @@ def test_eval_text_report(pixart_edit: Path, sana_edit: Path) -> None:
 def test_transfer_within_the_caption_path(
     pixart_edit: Path, tiny_pixart_sigma: Path, tiny_sana: Path, tmp_path: Path
 ) -> None:
-    from uce_cli.tiny_transformers import write_tiny_transformer_model
+    from uce_cli.weights.tiny_transformers import write_tiny_transformer_model
 
     op = pixart_edit / "operator.safetensors"
     # Σ built from the same seed shares T5 and the caption projection: K transfers

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from uce_cli.artifacts.lora import factorize_delta
 from uce_cli.errors import ModelError, UceError
 from uce_cli.families.sdxl import POOLED_KEY, SdxlFamily
 from uce_cli.families.sdxl_layout import single_file_state
-from uce_cli.formats.lora import factorize_delta
 
 PROMPTS = ["a cat", "", "painting by Kelly Mckernan", "photo of a dog in the garden"]
 

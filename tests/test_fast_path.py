@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import uce_cli.stats as stats_module
+import uce_cli.edit.stats as stats_module
 from tests.conftest import write_recipe
-from uce_cli.cache import _path
-from uce_cli.encode import encode_batches, token_counts
-from uce_cli.model import load_text_encoder, open_model
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.cache import _path
+from uce_cli.edit.encode import encode_batches, token_counts
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.families.model import load_text_encoder, open_model
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 

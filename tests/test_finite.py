@@ -12,15 +12,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
+from uce_cli.artifacts.formats import write_formats
+from uce_cli.artifacts.lora import LORA_FILE
 from uce_cli.cli import app
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.edit.solve import Scales, solve_edit
+from uce_cli.edit.stats import EditStats
 from uce_cli.errors import ModelError, SolveError
-from uce_cli.formats import write_formats
-from uce_cli.formats.lora import LORA_FILE
-from uce_cli.model import open_model
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
-from uce_cli.solve import Scales, solve_edit
-from uce_cli.stats import EditStats
+from uce_cli.families.model import open_model
 
 runner = CliRunner()
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import write_recipe
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
 
 TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 CONTEXT = "context_embedder.weight"
@@ -158,7 +158,7 @@ def flux_edit(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_flux_outputs_load_back(tiny_flux: Path, flux_edit: Path) -> None:
     from diffusers import FluxPipeline
 
-    from uce_cli.solve import apply_operator
+    from uce_cli.edit.solve import apply_operator
 
     old = load_file(str(tiny_flux / TRANSFORMER_FILE))
     new = load_file(str(flux_edit / TRANSFORMER_FILE))
@@ -259,8 +259,8 @@ def test_flux_eval_text_report(flux_edit: Path) -> None:
 def test_flux_transfer(tiny_flux: Path, flux_edit: Path, tmp_path: Path, tiny_model: Path) -> None:
     import shutil
 
-    from uce_cli.solve import apply_operator
-    from uce_cli.tiny_joint import write_tiny_joint
+    from uce_cli.edit.solve import apply_operator
+    from uce_cli.weights.tiny_joint import write_tiny_joint
 
     other = write_tiny_joint("flux", tmp_path / "other", seed=1)
     for name in ("text_encoder", "text_encoder_2"):  # same text encoders, another transformer

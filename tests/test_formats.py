@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
+from uce_cli.artifacts.formats import FORMATS
+from uce_cli.artifacts.lora import KOHYA_FILE, LORA_FILE, check_rank, factorize_delta
 from uce_cli.cli import app
-from uce_cli.formats import FORMATS
-from uce_cli.formats.lora import KOHYA_FILE, LORA_FILE, check_rank, factorize_delta
-from uce_cli.model import open_model
+from uce_cli.families.model import open_model
 
 runner = CliRunner()
 
@@ -194,7 +194,7 @@ def test_transfer_equals_fresh_apply_on_the_other_model(
 
 
 def test_transfer_refuses_another_text_encoder(edited: Path, tmp_path: Path) -> None:
-    from uce_cli.tiny import write_tiny_model
+    from uce_cli.weights.tiny import write_tiny_model
 
     stranger = write_tiny_model(tmp_path / "seed1", seed=1)
     result = run(

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import write_recipe
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,14 +1,16 @@
 """The import layering (issue 11): data flows down, and no module imports one above it.
 
 Read with the AST, every import counts (module level and inside functions; only ``if
-TYPE_CHECKING:`` blocks, which never run, are left out). Top to bottom:
+TYPE_CHECKING:`` blocks, which never run, are left out). The packages are the layers, top to
+bottom:
 
-    cli → commands (runner, debias, sample, evaluate, transfer/verify) → artifacts, statistics and
-    solve (formats, outputs, stats, solve, …) → encode, plan and recipe → model (opens a model
-    through its family) → families → weights I/O → errors and other leaves
+    cli/ → commands/ (apply, debias, sample, evaluate, transfer, verify) → artifacts/ (formats,
+    outputs, edit log, reports) with the edit's statistics and solve → edit/ (recipe → plan →
+    encode) → families/model.py (opens a model through its family) → families/ → weights/ (files,
+    headers, hub, tiny models) → errors and other leaves
 
 A module may import modules of its own layer or below. A module is placed by the longest prefix
-below that names it, so a new family module (``uce_cli.families.sdxl``) is in the families layer.
+below that names it, so a new module in a package is in that package's layer.
 """
 
 from __future__ import annotations
@@ -20,63 +22,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "uce_cli"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("uce_cli.cli", "uce_cli.__main__")),
-    (
-        "commands",
-        (
-            "uce_cli.runner",
-            "uce_cli.debias",
-            "uce_cli.sample",
-            "uce_cli.evaluate",
-            "uce_cli.evalimages",
-            "uce_cli.formats.transfer",
-            "uce_cli.formats.verify",
-        ),
-    ),
+    ("commands", ("uce_cli.commands",)),
     (
         "artifacts, statistics, solve",
-        (
-            "uce_cli.formats",
-            "uce_cli.outputs",
-            "uce_cli.stats",
-            "uce_cli.solve",
-            "uce_cli.cache",
-            "uce_cli.edits",
-            "uce_cli.editlog",
-            "uce_cli.evaltext",
-            "uce_cli.evalreport",
-            "uce_cli.evalplots",
-            "uce_cli.classify",
-            "uce_cli.pipeline",
-        ),
+        ("uce_cli.artifacts", "uce_cli.edit.stats", "uce_cli.edit.cache", "uce_cli.edit.solve"),
     ),
-    (
-        "encode, plan",
-        (
-            "uce_cli.encode",
-            "uce_cli.plan",
-            "uce_cli.recipe",
-            "uce_cli.evalspec",
-            "uce_cli.evalprompts",
-            "uce_cli.upstream",
-            "uce_cli.prompts",
-        ),
-    ),
-    ("model", ("uce_cli.model",)),
+    ("encode, plan, recipe", ("uce_cli.edit",)),
+    ("model", ("uce_cli.families.model",)),
     ("families", ("uce_cli.families",)),
-    (
-        "weights I/O",
-        (
-            "uce_cli.weights",
-            "uce_cli.tensorfile",
-            "uce_cli.hub",
-            "uce_cli.modelspec",
-            "uce_cli.tiny",
-            "uce_cli.tiny_sdxl",
-            "uce_cli.tiny_joint",
-            "uce_cli.tiny_transformers",
-            "uce_cli.destination",
-        ),
-    ),
+    ("weights I/O", ("uce_cli.weights",)),
     (
         "errors and leaves",
         (
@@ -159,18 +113,24 @@ def test_no_module_imports_one_above_it() -> None:
 
 def test_families_and_weights_io_never_import_the_edit_pipeline() -> None:
     """The explicit form of the rule for the two bottom layers the family helpers write into."""
-    forbidden = ("uce_cli.plan", "uce_cli.stats", "uce_cli.solve", "uce_cli.runner", "uce_cli.cli")
+    forbidden = (
+        "uce_cli.edit.plan",
+        "uce_cli.edit.stats",
+        "uce_cli.edit.solve",
+        "uce_cli.commands.apply",
+        "uce_cli.cli",
+    )
     bottom = {
         name
         for name in module_names()
         if LAYERS[layer_of(name)][0] in ("families", "weights I/O", "model")
     }
-    assert {"uce_cli.families.sd", "uce_cli.weights", "uce_cli.model"} <= bottom
+    assert {"uce_cli.families.sd", "uce_cli.weights.files", "uce_cli.families.model"} <= bottom
     bad = [
         f"{name} imports {target}"
         for name in sorted(bottom)
         for target in sorted(graph()[name])
-        if target.startswith(forbidden) or target.startswith("uce_cli.formats")
+        if target.startswith(forbidden) or target.startswith("uce_cli.artifacts.formats")
     ]
     assert not bad, bad
 
@@ -200,9 +160,9 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text(
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from uce_cli.runner import run_apply\n"
-        "def f():\n    from uce_cli.plan import plan_recipe\n"
+        "if TYPE_CHECKING:\n    from uce_cli.commands.apply import run_apply\n"
+        "def f():\n    from uce_cli.edit.plan import plan_recipe\n"
     )
     found = imports_of(source, {})
-    assert found == {"uce_cli.plan"}
-    assert layer_of("uce_cli.plan") < layer_of("uce_cli.families.sdxl")
+    assert found == {"uce_cli.edit.plan"}
+    assert layer_of("uce_cli.edit.plan") < layer_of("uce_cli.families.sdxl")

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from tests.conftest import write_recipe
 from uce_cli.cli import app
 from uce_cli.errors import ModelError
-from uce_cli.model import open_model
+from uce_cli.families.model import open_model
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -143,7 +143,7 @@ def test_hub_typo_unreachable_fails_fast_in_the_library(
     """Every command that opens a model (merge, transfer, verify, sample) gets the same fast error."""
     from huggingface_hub import constants
 
-    from uce_cli import hub
+    from uce_cli.weights import hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")

@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from uce_cli.artifacts.files import text_encoder_weights_sha256
+from uce_cli.artifacts.outputs import HashBook, patch_safetensors, sha256_file, tensor_digests
 from uce_cli.errors import OutputError
-from uce_cli.formats.files import text_encoder_weights_sha256
-from uce_cli.outputs import HashBook, patch_safetensors, sha256_file, tensor_digests
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def test_hash_book(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     digest = book.sha256(weights)
     assert digest == sha256_file(weights) and book.known(weights) == digest
     calls = []
-    monkeypatch.setattr("uce_cli.outputs.sha256_file", lambda p: calls.append(p) or "x")
+    monkeypatch.setattr("uce_cli.artifacts.outputs.sha256_file", lambda p: calls.append(p) or "x")
     assert book.sha256(weights) == digest and calls == []  # not read again
     weights.write_bytes(weights.read_bytes() + b" ")  # changed file → new identity
     assert book.known(weights) is None

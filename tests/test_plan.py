@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED_DATA, write_recipe
+from uce_cli.edit.plan import TEMPLATE_SETS, EditPair, plan_recipe
 from uce_cli.errors import RecipeError
-from uce_cli.plan import TEMPLATE_SETS, EditPair, plan_recipe
 
 
 def plan_of(tmp_path: Path, text: str):  # noqa: ANN201

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from tests.conftest import SHARED_DATA
 from uce_cli.cli import app
-from uce_cli.plan import override_model, plan_recipe
-from uce_cli.recipe import load_recipe
-from uce_cli.runner import describe_plan
+from uce_cli.commands.apply import describe_plan
+from uce_cli.edit.plan import override_model, plan_recipe
+from uce_cli.edit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = sorted((REPO / "recipes" / "published").glob("*.yaml"))
@@ -52,7 +52,7 @@ def test_published_recipe_cites_validates_and_dry_runs(path: Path) -> None:
 
 
 def test_artist_recipes_erase_exactly_the_published_lists() -> None:
-    from uce_cli.upstream import DATA_DIR
+    from uce_cli.edit.upstream import DATA_DIR
 
     for n in (1, 5, 10, 50, 100, 500, 1000):
         plan = plan_recipe(REPO / "recipes" / "published" / f"erase-artists-{n}.yaml")
@@ -78,7 +78,7 @@ def test_apply_model_override_runs_a_hub_recipe_on_the_tiny_model(tmp_path: Path
         ["apply", str(recipe), "--model", "builtin:tiny-sd", "--out", str(tmp_path / "o"), "-q"],
     )
     assert result.exit_code == 0, result.stderr
-    from uce_cli.editlog import read_edit_log
+    from uce_cli.artifacts.editlog import read_edit_log
 
     assert read_edit_log(tmp_path / "o")["base_model"]["spec"] == "builtin:tiny-sd"
 

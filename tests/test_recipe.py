@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from uce_cli.edit.recipe import load_recipe, parse_recipe
 from uce_cli.errors import RecipeError
-from uce_cli.recipe import load_recipe, parse_recipe
 
 
 def problems_of(data: object) -> list[str]:

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from tests.conftest import write_recipe
 from uce_cli.cli import app
+from uce_cli.edit.plan import expand, plan_recipe
+from uce_cli.edit.recipe import MAX_SEED, load_recipe, parse_recipe
 from uce_cli.errors import RecipeError
-from uce_cli.plan import expand, plan_recipe
-from uce_cli.recipe import MAX_SEED, load_recipe, parse_recipe
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
 from uce_cli.cli import app
+from uce_cli.edit.prompts import read_prompts_csv
 from uce_cli.grid import grid_layout
-from uce_cli.prompts import read_prompts_csv
 
 runner = CliRunner()
 FAST = ["--steps", "2", "--quiet"]

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
 from tests.test_solve import Reference, kv_weights, rel
 from uce_cli.cli import app
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.families.model import open_model, open_text_path
 from uce_cli.families.sd_singlefile import OPEN_CLIP_PREFIX, write_single_file
-from uce_cli.model import open_model, open_text_path
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
 
 runner = CliRunner()
 ALL_FORMATS = ["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from tests.conftest import apply_recipe, write_recipe
 from tests.test_solve import rel
 from uce_cli.cli import app
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.families.model import open_model
 from uce_cli.families.sdxl import POOLED_KEY
-from uce_cli.model import open_model
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
 
 runner = CliRunner()
 ALL_FORMATS = ["diffusers", "delta", "lora", "lora-kohya", "single-file", "operator"]

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from tests.conftest import ERASE_RECIPE, apply_recipe, write_recipe
 from uce_cli.cli import app
 from uce_cli.families import sd_singlefile as checkpoint
+from uce_cli.families.model import open_model
 from uce_cli.families.sd_singlefile import (
     UNET_PREFIX,
     kv_key_from_ldm,
@@ -21,7 +22,6 @@ from uce_cli.families.sd_singlefile import (
     unet_key_to_ldm,
     vae_key_to_ldm,
 )
-from uce_cli.model import open_model
 
 runner = CliRunner()
 
@@ -72,7 +72,7 @@ def test_full_mapping_matches_diffusers_own_converter() -> None:
         convert_ldm_vae_checkpoint,
     )
 
-    from uce_cli.tiny import build_tiny_pipeline
+    from uce_cli.weights.tiny import build_tiny_pipeline
 
     tiny = build_tiny_pipeline()
     with torch.device("meta"):

@@ -16,10 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.conftest import PlainEncoder, write_recipe
-from uce_cli.errors import SolveError
-from uce_cli.plan import plan_recipe
-from uce_cli.runner import run_apply
-from uce_cli.solve import (
+from uce_cli.commands.apply import run_apply
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.edit.solve import (
     Scales,
     apply_operator,
     factorize,
@@ -28,7 +27,8 @@ from uce_cli.solve import (
     solve_layer,
     solve_operator,
 )
-from uce_cli.stats import EditStats
+from uce_cli.edit.stats import EditStats
+from uce_cli.errors import SolveError
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 

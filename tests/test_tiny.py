@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from uce_cli import tiny
-from uce_cli.tiny import (
+from uce_cli.weights import tiny
+from uce_cli.weights.tiny import (
     TINY_MODEL_NAME,
     build_tiny_tokenizer,
     ensure_tiny_model,

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from tests.conftest import SHARED_DATA, write_recipe
 from uce_cli.cli import app
+from uce_cli.edit.plan import plan_recipe
+from uce_cli.edit.upstream import DATA_DIR, SHIPPED_FROM, SHIPPED_ONLY, upstream_source
 from uce_cli.errors import DataError
-from uce_cli.plan import plan_recipe
-from uce_cli.upstream import DATA_DIR, SHIPPED_FROM, SHIPPED_ONLY, upstream_source
 
 REPO = Path(__file__).resolve().parents[1]
 FIVE = "info/erased-5artists-towards_art-preserve_true-sd_1_4-method_replace.txt"

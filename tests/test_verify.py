@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.conftest import apply_recipe
+from uce_cli.artifacts.formats import FORMATS
 from uce_cli.cli import app
-from uce_cli.formats import FORMATS
-from uce_cli.formats.verify import compare_edits
+from uce_cli.commands.verify import compare_edits
 
 runner = CliRunner()
 

@@ -18,10 +18,10 @@ from uce_cli.cli.merge import (
 )
 from uce_cli.console import RichProgress, err, out, plural, silence_third_party
 from uce_cli.distributed import init_ranks, launched_rank, launched_world
+from uce_cli.edit.plan import override_model, plan_recipe
 from uce_cli.errors import OutputError
-from uce_cli.hub import check_hub_model
-from uce_cli.modelspec import is_hub_id
-from uce_cli.plan import override_model, plan_recipe
+from uce_cli.weights.hub import check_hub_model
+from uce_cli.weights.modelspec import is_hub_id
 
 
 def _render_dry_run(report: dict) -> None:
@@ -134,7 +134,7 @@ def apply(
     # --format replaces output.formats
     plan.formats = chosen_formats(formats, plan.formats, lora_rank)
     if dry_run:
-        from uce_cli.runner import describe_plan
+        from uce_cli.commands.apply import describe_plan
 
         report = describe_plan(plan)
         print_json(report) if json_out else _render_dry_run(report)
@@ -146,7 +146,7 @@ def apply(
     check_output(destination, plan.model, force, [recipe])
     if is_hub_id(plan.model):  # a hub id that is neither cached nor reachable fails at once too
         check_hub_model(plan.model, plan.revision)
-    from uce_cli.runner import run_apply
+    from uce_cli.commands.apply import run_apply
 
     silence_third_party()
     ranks = init_ranks(getattr(device, "value", device)) if together else None

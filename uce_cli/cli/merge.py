@@ -14,9 +14,9 @@ import typer
 
 from uce_cli.cli._common import JsonOpt, QuietOpt, handle_errors, print_json
 from uce_cli.console import err
-from uce_cli.destination import check_destination, resolve_destination
+from uce_cli.edit.recipe import OUTPUT_FORMATS
 from uce_cli.errors import UceError
-from uce_cli.recipe import OUTPUT_FORMATS
+from uce_cli.weights.destination import check_destination, resolve_destination
 
 Format = Enum("Format", {name: name for name in OUTPUT_FORMATS}, type=str)  # type: ignore[misc]
 
@@ -133,7 +133,7 @@ def merge(
     """
     names = chosen_formats(formats, ["diffusers"], lora_rank)
     check_output(out_dir, base, force, [edit])
-    from uce_cli.formats.transfer import run_merge
+    from uce_cli.commands.transfer import run_merge
 
     result = run_merge(
         base,

@@ -17,7 +17,7 @@ from uce_cli.cli._common import (
     print_json,
 )
 from uce_cli.console import RichProgress, err, out, plural
-from uce_cli.destination import check_sample_out
+from uce_cli.weights.destination import check_sample_out
 
 
 def sample(
@@ -162,7 +162,7 @@ def sample(
         raise typer.BadParameter(
             "--compare needs --edit (the edited model to compare)", param_hint="--compare"
         )
-    options = dict(  # SampleOptions, built in _run: importing uce_cli.sample loads torch
+    options = dict(  # SampleOptions, built in _run: importing uce_cli.commands.sample loads torch
         steps=steps,
         guidance=guidance,
         height=height,
@@ -206,9 +206,9 @@ def _run(
 ) -> None:
     """Read the prompts, sample, render the result."""
     check_sample_out(out_dir)  # before torch is imported: a wrong --out fails at once
+    from uce_cli.commands.sample import SampleOptions, run_sample
     from uce_cli.distributed import init_ranks
-    from uce_cli.prompts import prompts_from_text, read_prompts_csv
-    from uce_cli.sample import SampleOptions, run_sample
+    from uce_cli.edit.prompts import prompts_from_text, read_prompts_csv
 
     if prompts_file is not None:
         rows = read_prompts_csv(prompts_file, limit, allow_empty)

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from uce_cli.artifacts.editlog import read_edit_log
 from uce_cli.cli._common import JsonOpt, handle_errors, print_json
 from uce_cli.console import out
-from uce_cli.editlog import read_edit_log
 from uce_cli.errors import UceError
 
 
@@ -217,7 +217,7 @@ def show(
         out.print(f"ratio plot written to {plot}")
     if path.is_dir():
         from uce_cli.cli.eval import expect_table, figures_table
-        from uce_cli.evaluate import read_report
+        from uce_cli.commands.evaluate import read_report
 
         report = read_report(path)
         if report is not None:

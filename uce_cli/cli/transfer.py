@@ -56,7 +56,7 @@ def transfer(
     """
     names = chosen_formats(formats, ["diffusers", "delta"], lora_rank)
     check_output(out_dir, model, force, [operator])
-    from uce_cli.formats.transfer import run_transfer
+    from uce_cli.commands.transfer import run_transfer
 
     result = run_transfer(
         operator, model, out_dir, names, force=force, lora_rank=lora_rank, allow_pickle=allow_pickle

@@ -9,8 +9,8 @@ import typer
 
 from uce_cli.cli._common import JsonOpt, handle_errors, print_error, print_json
 from uce_cli.console import plural
+from uce_cli.edit.plan import plan_recipe
 from uce_cli.errors import RecipeError, UceError
-from uce_cli.plan import plan_recipe
 
 
 @handle_errors

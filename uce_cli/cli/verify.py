@@ -69,7 +69,7 @@ def verify(
     """
     if not math.isfinite(rtol):
         raise typer.BadParameter(f"{rtol} is not a finite number (e.g. 1e-3)", param_hint="--rtol")
-    from uce_cli.formats.verify import compare_edits
+    from uce_cli.commands.verify import compare_edits
 
     result = compare_edits(edit, against, rtol, base, allow_pickle)
     if json_out:

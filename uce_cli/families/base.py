@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from uce_cli.tensorfile import SavedFile
+    from uce_cli.weights.tensorfile import SavedFile
 
 
 @dataclass(frozen=True)
@@ -248,4 +248,4 @@ class SingleFileLayout(ABC):
         self, path: Path, root: Path, new: dict[str, torch.Tensor], metadata: dict[str, str]
     ) -> SavedFile:
         """Write the pipeline at ``root`` as one single file, with ``new`` (denoiser key → tensor)
-        replacing the editable tensors; byte-reproducible (``uce_cli.tensorfile.save_tensors``)."""
+        replacing the editable tensors; byte-reproducible (``uce_cli.weights.tensorfile.save_tensors``)."""

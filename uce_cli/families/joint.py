@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from uce_cli.errors import ModelError, UceError
 from uce_cli.families.base import Family
-from uce_cli.weights import read_json_config, weight_files
+from uce_cli.weights.files import read_json_config, weight_files
 
 CONTEXT_KEY = "context_embedder.weight"
 POOLED_KEY = "time_text_embed.text_embedder.linear_1.weight"

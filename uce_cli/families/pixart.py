@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from uce_cli.errors import ModelError
 from uce_cli.families.base import Family, Group, TextPath, Tokens
-from uce_cli.weights import read_json_config, weight_files
+from uce_cli.weights.files import read_json_config, weight_files
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from uce_cli.errors import ModelError
 from uce_cli.families.base import Family, Group, SingleFileLayout, TextPath, Tokens
 from uce_cli.families.clip import encode_batches, last_word_index, token_counts
-from uce_cli.weights import weight_files
+from uce_cli.weights.files import weight_files
 
 if TYPE_CHECKING:
     import torch

@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 
 from uce_cli.errors import ModelError
 from uce_cli.families.base import SingleFileLayout
-from uce_cli.tensorfile import SavedFile, save_tensors
-from uce_cli.weights import read_header
+from uce_cli.weights.files import read_header
+from uce_cli.weights.tensorfile import SavedFile, save_tensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -324,7 +324,7 @@ def write_single_file(
         metadata: stored in the file header (strings).
 
     Returns:
-        The file's digests (it is written byte-reproducibly, ``uce_cli.tensorfile``).
+        The file's digests (it is written byte-reproducibly, ``uce_cli.weights.tensorfile``).
     """
     names = diffusers_to_ldm_names(root)
     open_clip = is_open_clip(_components(root)[2])

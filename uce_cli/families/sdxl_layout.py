@@ -41,8 +41,8 @@ from uce_cli.families.sd_singlefile import (
     unet_key_to_ldm,
     vae_key_to_ldm,
 )
-from uce_cli.tensorfile import SavedFile, save_tensors
-from uce_cli.weights import read_header
+from uce_cli.weights.files import read_header
+from uce_cli.weights.tensorfile import SavedFile, save_tensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -1,0 +1,301 @@
+"""``uce eval`` as a library call: open a run, build its evaluation prompt sets, compute the
+text-side (and, on request, image-level) figures, write ``eval/`` and check ``expect:``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from uce_cli.artifacts.editlog import package_versions, read_edit_log
+from uce_cli.edit.evalprompts import DEFAULT_HELDOUT_TEMPLATES, norm, read_prompt_set
+from uce_cli.edit.evalspec import FIGURES, Evaluate, Expect
+from uce_cli.edit.plan import EditPlan, resolve_plan
+from uce_cli.edit.recipe import load_recipe, parse_recipe, recipe_sha256
+from uce_cli.errors import DataError, OutputError, RecipeError, UceError
+from uce_cli.progress import NullProgress, Progress
+
+EVAL_SCHEMA = 1
+EVAL_DIR = "eval"
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+
+
+@dataclass
+class Run:
+    """An ``uce apply`` output folder opened for evaluation."""
+
+    path: Path
+    log: dict[str, Any]
+    plan: EditPlan
+    evaluate: Evaluate
+    base_dir: Path  # the recipe's folder: relative prompt files are read from it
+    base_spec: str
+    base_revision: str | None
+
+
+def open_run(path: Path) -> Run:
+    """Read a run's edit log and re-resolve its recipe (for the edited and preserved concepts).
+
+    Raises:
+        UceError: not an ``uce apply`` output, or its recipe cannot be resolved again.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UceError(f"{path}: not a folder — give an output folder of `uce apply`")
+    log = read_edit_log(path)
+    recipe_data = log.get("recipe")
+    base = log.get("base_model") or {}
+    if not isinstance(recipe_data, dict) or not base.get("spec"):
+        raise UceError(
+            f"{path}: its edit log has no recipe or base model (made by merge/transfer?) — "
+            "`uce eval` judges outputs of `uce apply`"
+        )
+    recipe_file = Path(log.get("recipe_file") or path / "recipe.yaml")
+    label = f"{recipe_file} (as recorded in {path / 'edit_log.json'})"
+    recipe = parse_recipe(recipe_data, label)
+    evaluate = recipe.evaluate
+    if recipe_file.is_file():
+        # The recipe file's evaluate: wins while the file still describes this edit (its hash
+        # leaves evaluate: out), so expectations can be added after the edit was made.
+        try:
+            current = load_recipe(recipe_file)
+        except RecipeError:
+            current = None
+        if current is not None and recipe_sha256(current) == log.get("recipe_sha256"):
+            evaluate = current.evaluate
+    try:
+        plan = resolve_plan(recipe, recipe_file)
+    except RecipeError as exc:
+        raise UceError(
+            f"{path}: cannot resolve its recipe again to find the edited concepts: "
+            f"{exc.problems[0]}"
+        ) from None
+    return Run(
+        path,
+        log,
+        plan,
+        evaluate or Evaluate(),
+        recipe_file.parent,
+        base["spec"],
+        base.get("revision"),
+    )
+
+
+def edited_guides(plan: EditPlan) -> dict[str, tuple[str, str]]:
+    """norm(concept) → (concept, guide) for erased and moderated concepts (not debias)."""
+    guides: dict[str, tuple[str, str]] = {}
+    for pair in plan.pairs:
+        if pair.section.startswith("debias"):
+            continue
+        key = norm(pair.concept)
+        # The bare concept's pair carries the bare guide (last-token mode templates guides too);
+        # a custom template list without the bare concept falls back to its first pair.
+        if key not in guides or pair.source == pair.concept:
+            guides[key] = (pair.concept, pair.targets[0][0])
+    return guides
+
+
+def text_inputs(run: Run) -> tuple[Any, list[str]]:
+    """The held-out, preserved and unrelated prompts of a run, and notes on what was skipped.
+
+    Raises:
+        DataError: a prompt set cannot be read, or names a concept that was not edited.
+    """
+    from uce_cli.artifacts.evaltext import DriftPrompt, HeldOutPrompt, TextInputs
+
+    guides = edited_guides(run.plan)
+    debiased = {norm(p.concept) for p in run.plan.pairs if p.section.startswith("debias")}
+    edited = set(guides) | debiased
+    notes: list[str] = []
+    inputs = TextInputs()
+    spec = run.evaluate
+    for i, ps in enumerate(spec.heldout):
+        where = f"evaluate.heldout.{i}"
+        if ps.concept is not None and norm(ps.concept) not in guides:
+            raise DataError(
+                f"{where}.concept: {ps.concept!r} is not an erased or moderated concept of this "
+                f"edit — name one of: {', '.join(c for c, _ in list(guides.values())[:8])}"
+            )
+        rows = read_prompt_set(ps, run.base_dir, where)
+        kept = [r for r in rows if norm(r.concept) in guides]
+        if len(kept) < len(rows):
+            notes.append(f"{where}: {len(rows) - len(kept)} rows phrase concepts not edited here")
+        for r in kept:
+            concept, guide = guides[norm(r.concept)]
+            inputs.heldout.append(HeldOutPrompt(r.prompt, concept, guide))
+    if not spec.heldout:
+        for concept, guide in guides.values():
+            for template in DEFAULT_HELDOUT_TEMPLATES:
+                inputs.heldout.append(HeldOutPrompt(template.format(concept), concept, guide))
+        if guides:
+            notes.append("held-out phrasings: uce's default templates (the recipe names none)")
+    for name, sets, target in (
+        ("preserved", spec.preserved, inputs.preserved),
+        ("unrelated", spec.unrelated, inputs.unrelated),
+    ):
+        for i, ps in enumerate(sets):
+            where = f"evaluate.{name}.{i}"
+            rows = read_prompt_set(ps, run.base_dir, where)
+            kept = [r for r in rows if norm(r.concept) not in edited]
+            if len(kept) < len(rows):
+                notes.append(f"{where}: dropped {len(rows) - len(kept)} rows of edited concepts")
+            target += [DriftPrompt(r.prompt, r.concept or f"{name}.{i}") for r in kept]
+    if not spec.preserved:
+        inputs.preserved = [DriftPrompt(p, p) for p in run.plan.preserve if p]
+        if inputs.preserved:
+            notes.append(
+                "drift_preserve: on the edit's own preserve prompts (no evaluate.preserved)"
+            )
+    return inputs, notes
+
+
+def edited_weights(run: Run) -> tuple[dict, dict, str]:
+    """Base and edited k/v weights of every cross-attention layer, and the edit's sha256."""
+    from uce_cli.artifacts.edits import load_edit_tensors
+    from uce_cli.families.model import open_model
+
+    base = open_model(run.base_spec, run.base_revision)
+    source = run.path / "edit.safetensors"
+    edit = load_edit_tensors(source if source.is_file() else run.path, base)
+    old = base.read_kv()
+    new = {k: edit.tensors.get(k, w) for k, w in old.items()}
+    unknown = sorted(set(edit.tensors) - set(old))
+    if unknown:
+        raise UceError(
+            f"{run.path}: the edit changes {unknown[0]}, not a cross-attention k/v weight"
+        )
+    # a layer that reads its group in some columns is measured on those (SDXL's add_embedding)
+    part = {t.key: t.part for t in base.kv}
+    return (
+        {k: part[k](w) for k, w in old.items()},
+        {k: part[k](w) for k, w in new.items()},
+        edit.sha256,
+    )
+
+
+def evaluate_text(
+    run: Run, device: str = "auto", batch_size: int = 32, progress: Progress | None = None
+) -> dict[str, Any]:
+    """The text-side section of eval.json (figures, per layer, per concept, settings)."""
+    import torch
+
+    from uce_cli.artifacts.evaltext import text_figures
+    from uce_cli.families.model import open_model, open_text_path, pick_device
+
+    progress = progress or NullProgress()
+    t0 = time.perf_counter()
+    inputs, notes = text_inputs(run)
+    progress.start("load model")
+    old, new, edit_sha = edited_weights(run)
+    base = open_model(run.base_spec, run.base_revision)
+    text_path = open_text_path(base, pick_device(device), torch.float32)
+    progress.finish()
+    loaded = time.perf_counter() - t0
+    group_of = {t.key: t.group for t in base.kv}
+    result = text_figures(inputs, text_path, old, new, batch_size, progress, group_of)
+    result["timings"] = {"read_and_load": round(loaded, 3), **result["timings"]}
+    return {
+        **result,
+        "settings": {
+            "pairing": "paper alignment (source's last word token onwards ↔ guide's)",
+            "positions": text_path.max_tokens,
+            "encoder_dtype": "float32",
+            "layer_average": "mean over layers; concepts weigh equally",
+            "edit_sha256": edit_sha,
+        },
+        "notes": notes,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def flat_figures(report: dict[str, Any]) -> dict[str, float | None]:
+    """Every figure of a report by its name in evalspec.FIGURES."""
+    figures: dict[str, float | None] = {}
+    for section in ("text", "images"):
+        part = report.get(section) or {}
+        figures.update(part.get("figures", {}))
+    return {k: v for k, v in figures.items() if k in FIGURES}
+
+
+def check_expectations(report: dict[str, Any], expect: list[Expect]) -> list[dict[str, Any]]:
+    """Compare measured figures with ``expect:``; one row per expectation with ``ok``."""
+    figures = flat_figures(report)
+    rows = []
+    for item in expect:
+        measured = figures.get(item.metric)
+        ok = measured is not None and abs(measured - item.value) <= item.tolerance
+        rows.append(
+            {
+                "metric": item.metric,
+                "expected": item.value,
+                "tolerance": item.tolerance,
+                "measured": measured,
+                "source": item.source,
+                "ok": ok,
+            }
+        )
+    return rows
+
+
+def build_report(run: Run, text: dict[str, Any] | None, images: dict[str, Any] | None) -> dict:
+    """The eval.json payload."""
+    report = {
+        "schema": EVAL_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "run": str(run.path),
+        "recipe_file": run.log.get("recipe_file"),
+        "recipe_sha256": run.log.get("recipe_sha256"),
+        "base_model": run.base_spec,
+        "text": text,
+        "images": images,
+    }
+    report["figures"] = flat_figures(report)
+    report["expect"] = check_expectations(report, run.evaluate.expect)
+    return report
+
+
+def read_report(run_path: Path) -> dict[str, Any] | None:
+    """A run's eval.json, or None when it has none.
+
+    Raises:
+        UceError: the file exists but is not a readable uce eval report.
+    """
+    path = Path(run_path) / EVAL_DIR / EVAL_JSON
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UceError(
+            f"{path}: not a readable eval report ({exc}) — rerun `uce eval --force`"
+        ) from None
+    if not isinstance(report, dict) or report.get("schema") != EVAL_SCHEMA:
+        raise UceError(
+            f"{path}: not a uce eval report of schema {EVAL_SCHEMA} — rerun with --force"
+        )
+    return report
+
+
+def write_report(run: Run, report: dict[str, Any], force: bool) -> Path:
+    """Write eval/eval.json and eval/eval.md (atomically each); refuse to replace without force."""
+    from uce_cli.artifacts.evalreport import render_markdown
+    from uce_cli.artifacts.outputs import write_json
+
+    folder = run.path / EVAL_DIR
+    if (folder / EVAL_JSON).exists() and not force:
+        raise OutputError(
+            f"{folder / EVAL_JSON} exists — pass --force to recompute it, or --check alone to "
+            "check it"
+        )
+    folder.mkdir(exist_ok=True)
+    write_json(folder / EVAL_JSON, report)
+    md = folder / EVAL_MD
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(render_markdown(report), encoding="utf-8")
+    tmp.replace(md)
+    return folder

@@ -1,0 +1,1 @@
+"""The edit itself, in its data-flow order: recipe (schema) → plan (prompts, pairs, preserve) → encode (the family's vectors, token spans) → statistics (float64 Gram matrices) → solve (the closed form)."""
