@@ -121,3 +121,22 @@ def test_sd3_groups_tokens_and_vectors(tiny_sd3: Path) -> None:
     assert torch.equal(got["pooled"][:, 0], pooled)
     # the CLIP part is zero-padded from 32 + 40 to T5's 80
     assert torch.count_nonzero(got["joint"][:, :77, 72:]) == 0
+
+
+def test_auto_dtype_on_cuda_is_bf16_for_t5_and_gemma_families() -> None:
+    """T5-XXL overflows in fp16: `--dtype auto` picks bf16 on CUDA for FLUX, SD3, PixArt, Sana."""
+    import torch
+
+    from uce_cli.families.flux import FluxFamily
+    from uce_cli.families.model import pick_dtype
+    from uce_cli.families.pixart import PixArtFamily
+    from uce_cli.families.sana import SanaFamily
+    from uce_cli.families.sd import SD
+    from uce_cli.families.sd3 import SD3Family
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for family in (FluxFamily, SD3Family, PixArtFamily, SanaFamily):
+        assert pick_dtype("auto", cuda, family.cuda_dtype) == torch.bfloat16, family
+        assert pick_dtype("auto", cpu, family.cuda_dtype) == torch.float32
+    assert pick_dtype("auto", cuda, SD.cuda_dtype) == torch.float16
+    assert pick_dtype("fp16", cuda, FluxFamily.cuda_dtype) == torch.float16  # explicit wins

@@ -45,7 +45,7 @@ DtypeOpt = Annotated[
     Dtype,
     typer.Option(
         "--dtype",
-        help="Text-encoder compute dtype (auto: fp16 on CUDA, else fp32). "
+        help="Text-encoder compute dtype (auto: fp16 on CUDA — bf16 for T5/Gemma models — else fp32). "
         "The solve is always float64; weights keep their stored dtype.",
     ),
 ]

@@ -135,7 +135,11 @@ def sample(
         typer.Option("--device", help="Where to sample: auto picks CUDA, then MPS, then CPU."),
     ] = Device.auto,
     dtype: Annotated[
-        Dtype, typer.Option("--dtype", help="Pipeline dtype (auto: fp16 on CUDA, else fp32).")
+        Dtype,
+        typer.Option(
+            "--dtype",
+            help="Pipeline dtype (auto: fp16 on CUDA — bf16 for T5/Gemma models — else fp32).",
+        ),
     ] = Dtype.auto,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per pipeline call.")

@@ -177,7 +177,7 @@ def open_stage(
         check_rank(lora_rank, {f"{model.denoiser}.{t.key}": t.shape for t in model.kv})
     check_destination(out, model.root, force)
     run_device = pick_device(device)
-    run_dtype = pick_dtype(dtype, run_device)
+    run_dtype = pick_dtype(dtype, run_device, model.family.cuda_dtype)
     solve_device = run_device if run_device.type == "cuda" else torch.device("cpu")
     keys = selected_keys(model, plan)
     if plan.loop is not None:

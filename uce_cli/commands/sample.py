@@ -200,7 +200,7 @@ def run_sample(
     device = pick_device(options.device)
     if ranks.distributed and device.type == "cuda":
         device = ranks.state.device  # this rank's GPU, as accelerate assigned it
-    dtype = pick_dtype(options.dtype, device)
+    dtype = pick_dtype(options.dtype, device, base.family.cuda_dtype if base.family else "fp16")
 
     roles = ROLES if compare else (("edited",) if loaded_edit else ("base",))
     common = {

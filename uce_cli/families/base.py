@@ -138,6 +138,8 @@ class Family(ABC):
     # False where the pipeline's guidance takes no negative prompt (FLUX's distilled guidance):
     # ``uce sample --negative-prompt`` is then refused rather than silently ignored.
     negative_prompt: ClassVar[bool] = True
+    # What ``--dtype auto`` means on CUDA: fp16, or bf16 where a T5/Gemma encoder overflows fp16.
+    cuda_dtype: ClassVar[str] = "fp16"
 
     # Prefixes of denoiser tensors that belong to the text path (PixArt's ``caption_projection.``):
     # their bytes join the text encoder's in ``text_encoder_weights_sha256``, the edit's identity.

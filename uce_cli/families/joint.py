@@ -53,6 +53,7 @@ class JointFamily(Family):
         "not attention keys/values"
     )
     denoiser: ClassVar[str] = "transformer"
+    cuda_dtype: ClassVar[str] = "bf16"  # T5-XXL overflows in fp16
     components: ClassVar[tuple[str, ...]]  # folders the family needs, besides the transformer
     text_encoders: ClassVar[tuple[str, ...]]  # the components whose weights make the vectors
     sequence_group: ClassVar[str]  # name of the group context_embedder reads

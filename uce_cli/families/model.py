@@ -363,13 +363,14 @@ def pick_device(name: str) -> torch.device:
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Text-encoder compute dtype: ``auto`` is fp16 on CUDA, fp32 elsewhere."""
+def pick_dtype(name: str, device: torch.device, cuda_auto: str = "fp16") -> torch.dtype:
+    """Compute dtype: ``auto`` is ``cuda_auto`` (the family's: fp16, bf16 for T5/Gemma families)
+    on CUDA, fp32 elsewhere."""
     if name not in DTYPES:
         raise ModelError(f"--dtype {name}: choose one of {', '.join(DTYPES)}")
     chosen = DTYPES[name]
     if chosen is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return DTYPES[cuda_auto] if device.type == "cuda" else torch.float32
     return chosen
 
 

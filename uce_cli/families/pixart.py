@@ -174,6 +174,7 @@ class CaptionFamily(Family):
 
     denoiser: ClassVar[str] = DENOISER
     edits: ClassVar[str] = "cross-attention keys/values"
+    cuda_dtype: ClassVar[str] = "bf16"  # T5 (PixArt) and Gemma 2 (Sana) overflow in fp16
     encoder_classes: ClassVar[tuple[str, ...]]  # text_encoder classes the family accepts
     reads: ClassVar[str]  # Group.reads
 
