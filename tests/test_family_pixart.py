@@ -569,3 +569,15 @@ def test_apply_names_a_missing_component(tiny_sana: Path, tmp_path: Path) -> Non
     result = run("apply", recipe, "--out", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert "the 'transformer' folder is missing" in result.stderr and str(copy) in result.stderr
+
+
+def test_debias_loop_refused_on_a_transformer_family(tiny_pixart: Path, tmp_path: Path) -> None:
+    """The loop samples through a UNet pipeline; PixArt/Sana get one line, before any encoding."""
+    from tests.test_debias import _loop_recipe
+
+    result = run("apply", _loop_recipe(tiny_pixart, tmp_path), "--out", tmp_path / "out",
+                 "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "the debias loop (alphas: auto) samples with UNet pipelines" in result.stderr
+    assert "has a transformer — give the alphas explicitly" in result.stderr
+    assert not (tmp_path / "out").exists()

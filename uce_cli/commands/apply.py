@@ -186,6 +186,11 @@ def open_stage(
                 f"the debias loop (alphas: auto) runs on one-group families; {model.family.label} "
                 "has several — give the alphas explicitly"
             )
+        if model.denoiser != "unet":
+            raise UceError(
+                f"the debias loop (alphas: auto) samples with UNet pipelines (SD 1.x/2.x, SDXL); "
+                f"{model.family.label} has a {model.denoiser} — give the alphas explicitly"
+            )
         # The judge first: without it (offline, not cached) the loop cannot run at all.
         from uce_cli.artifacts.classify import ClipClassifier
 
