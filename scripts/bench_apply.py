@@ -21,6 +21,11 @@ Prints a table, the disk it needed, and, last, one JSON object. Usage:
     python scripts/bench_apply.py --quick
     python scripts/bench_apply.py --erase 5 --preserve 50
     python scripts/bench_apply.py --quick --formats delta --work /data/bench   # keep the model
+    python scripts/bench_apply.py --arch sd21 --quick --formats delta --naive-layers 0
+
+``--arch sd21`` builds Stable Diffusion 2.1's architecture instead (its UNet config: 1024-d
+cross-attention, per-block head sizes, linear projections; OpenCLIP ViT-H/14 as a 23-layer
+CLIPTextModel; a v-prediction DDIM scheduler): 5.2 GB in fp32, in the folder ``sd21-random-v1``.
 
 Disk: the random SD-1.4 model takes 4.3 GB (fp32), the apply output as much again with the
 diffusers format (77 MB with delta only), and (b2) copies the model once: about 13 GB
@@ -77,10 +82,47 @@ CLIP_L_TEXT = dict(
     hidden_act="quick_gelu",
     projection_dim=768,
 )
+# Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1's unet/ and text_encoder/ configs): SD 1.x's
+# blocks and channels, 1024-d cross-attention with per-block head sizes, linear projections and
+# upcast attention; the text encoder is OpenCLIP ViT-H/14 converted to a CLIPTextModel (plain
+# GELU, 23 of its 24 layers: the pipeline reads OpenCLIP's penultimate layer).
+SD21_UNET = dict(
+    SD14_UNET,
+    sample_size=96,
+    cross_attention_dim=1024,
+    attention_head_dim=[5, 10, 20, 20],
+    use_linear_projection=True,
+    upcast_attention=True,
+)
+SD21_VAE = dict(SD14_VAE, sample_size=768)
+OPENCLIP_H_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=512,  # as the converted config says; CLIPTextModel has no projection layer
+)
+SD14_SCHEDULER = dict(steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+SD21_SCHEDULER = dict(
+    SD14_SCHEDULER,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+)
+# name: (label, UNet, VAE, text config, tokenizer pad token, DDIMScheduler config)
+ARCHS = {
+    "sd14": ("SD 1.4", SD14_UNET, SD14_VAE, CLIP_L_TEXT, None, SD14_SCHEDULER),
+    "sd21": ("SD 2.1", SD21_UNET, SD21_VAE, OPENCLIP_H_TEXT, "!", SD21_SCHEDULER),
+}
 
 
-def build_model(dest: Path) -> Path:
-    """Write the random SD-1.4-architecture pipeline (fast init: meta device, then normal_)."""
+def build_model(dest: Path, arch: str = "sd14") -> Path:
+    """Write the random SD-1.4- (or ``arch``) architecture pipeline (fast init: meta device, then
+    normal_)."""
     if (dest / "model_index.json").is_file():
         return dest
     import torch
@@ -94,8 +136,10 @@ def build_model(dest: Path) -> Path:
 
     from uce_cli.weights.tiny import build_tiny_tokenizer
 
+    _, unet_config, vae_config, text_config, pad_token, scheduler = ARCHS[arch]
     torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
+    # SD 2.x's tokenizer pads with "!"; its converted text config says pad_token_id 1
+    tokenizer = build_tiny_tokenizer() if pad_token is None else build_tiny_tokenizer(pad_token)
 
     def randomized(module: torch.nn.Module) -> torch.nn.Module:
         module = module.to_empty(device="cpu")
@@ -110,21 +154,21 @@ def build_model(dest: Path) -> Path:
         return module
 
     config = CLIPTextConfig(
-        **CLIP_L_TEXT,
+        **text_config,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id if pad_token is None else 1,
     )
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD14_UNET)
-        vae = AutoencoderKL(**SD14_VAE)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
         text_encoder = CLIPTextModel(config)
     pipe = StableDiffusionPipeline(
         vae=randomized(vae),
         text_encoder=randomized(text_encoder),
         tokenizer=tokenizer,
         unet=randomized(unet),
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False),
+        scheduler=DDIMScheduler(**scheduler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -196,6 +240,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="2 erase / 10 preserve; same structure"
     )
+    parser.add_argument(
+        "--arch",
+        choices=sorted(ARCHS),
+        default="sd14",
+        help="random model's architecture: sd14 (SD 1.4, CLIP ViT-L) or sd21 (SD 2.1, OpenCLIP ViT-H)",
+    )
     parser.add_argument("--erase", type=int, default=5, help="artists to erase (E)")
     parser.add_argument("--preserve", type=int, default=50, help="artists to preserve (P)")
     parser.add_argument(
@@ -226,7 +276,7 @@ def main() -> None:
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> None:
     """Build (or reuse) the model in ``work``, measure every part, print the table and JSON."""
-    model = build_model(work / "sd14-random-v1")
+    model = build_model(work / f"{args.arch}-random-v1", args.arch)
     disk = {"model": disk_usage(model)}
     names = ARTISTS_FALLBACK
     erase, preserve = names[: args.erase], names[args.erase : args.erase + args.preserve]
@@ -262,7 +312,9 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         if dev.type == 'cuda':
             torch.cuda.synchronize()
         kv = m.read_kv()
-        RESULT = {{'seconds': time.perf_counter() - t0, 'prompts': n, 'kv_tensors': len(kv)}}
+        RESULT = {{'seconds': time.perf_counter() - t0, 'prompts': n, 'kv_tensors': len(kv),
+                   'kv_parameters': sum(t.numel() for t in kv.values()),
+                   'kv_width': next(iter(kv.values())).shape[1]}}
         """
     # Unmeasured warm-up: a freshly built model is still being written back to disk, and the
     # first process to import the libraries and read the weights pays for that; (a) and (b)
@@ -365,9 +417,13 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
     )
 
     summary = {
+        "arch": args.arch,
         "E": args.erase,
         "P": args.preserve,
         "unique_prompts": apply["prompts"],
+        "kv_tensors": floor["kv_tensors"],
+        "kv_parameters": floor["kv_parameters"],
+        "operator_bytes": floor["kv_width"] ** 2 * 8,
         "apply_seconds": round(apply["seconds"], 3),
         "apply_stages": apply["stages"],
         "floor_seconds": round(floor["seconds"], 3),
@@ -400,7 +456,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
             "(b) floor: encode once + read k/v",
             f"{floor['seconds']:.2f} s",
             f"{floor['peak_rss_mb']:.0f} MB",
-            f"{floor['prompts']} prompts, {floor['kv_tensors']} k/v tensors",
+            f"{floor['prompts']} prompts, {floor['kv_tensors']} k/v tensors "
+            f"({floor['kv_parameters'] / 1e6:.1f} M parameters, d = {floor['kv_width']})",
         ),
         (
             "(b2) copy the base folder (cp -r)",
@@ -423,7 +480,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         ),
     ]
     print(
-        f"E={args.erase} erase artists × 6 prompts, P={args.preserve} preserve, paper mode, SD 1.4 architecture, device {args.device}"
+        f"E={args.erase} erase artists × 6 prompts, P={args.preserve} preserve, paper mode, {ARCHS[args.arch][0]} architecture, device {args.device}"
     )
     print(f"{'part':38} {'time':>10} {'peak RSS':>10}  notes")
     for name, t, rss, notes in rows:

@@ -13,8 +13,16 @@ machine holds beside everything else):
 - tokenizers: uce's generated CLIP BPE and T5 Unigram (positions as the real ones for template
   words; vocabularies far smaller).
 
+``--family sd3`` measures Stable Diffusion 3 (medium) the same way: ``context_embedder`` 1536 ×
+4096 and the pooled ``time_text_embed.text_embedder.linear_1`` 1536 × 2048 inside an
+``SD3Transformer2DModel`` with SD3-medium's config but ``--blocks`` joint blocks (default 0); CLIP-L
+and OpenCLIP bigG (CLIP-G: width 1280, 32 layers, 20 heads) at their real configs as
+``CLIPTextModelWithProjection``; T5 at XXL widths with ``--t5-layers`` layers, at the pipeline's
+256 tokens (FLUX: 512).
+
 Usage:
     python scripts/bench_flux.py                       # CPU, 2 T5 layers
+    python scripts/bench_flux.py --family sd3          # SD3-medium's text path, 2 T5 layers
     python scripts/bench_flux.py --device cuda --t5-layers 24 --dtype bf16 --save-dtype bf16
         # full T5-XXL (4.7 B, 9.5 GB in bf16) on a large GPU: ~15 GB disk, ~25 GB RAM to build
     python scripts/bench_flux.py --work /data/flux-bench   # keep (and reuse) the model folder
@@ -43,33 +51,66 @@ output: {{formats: [{formats}]}}
 """
 
 
-def build_model(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype) -> Path:
-    """Write the random FLUX.1-architecture folder (seeded) at ``dest``, weights in ``save_dtype``
-    (FLUX.1-dev ships bf16)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+# CLIP ViT-L/14's text config (FLUX.1's text_encoder, SD3's text_encoder)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+# OpenCLIP ViT-bigG/14's text tower (SD3's text_encoder_2)
+CLIP_G = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+# SD3-medium's transformer config (stabilityai/stable-diffusion-3-medium-diffusers), less the blocks
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+# family: (the T5 tokenizer's folder, its text encoder's folder, tokens T5 reads)
+T5_PATH = {
+    "flux": ("tokenizer_2", "text_encoder_2", 512),
+    "sd3": ("tokenizer_3", "text_encoder_3", 256),
+}
 
-    from uce_cli.weights.tiny import build_tiny_tokenizer
-    from uce_cli.weights.tiny_joint import _vae, build_tiny_t5_tokenizer
 
-    clip_tok, t5_tok = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
-    torch.manual_seed(0)
-    clip = CLIPTextModel(
+def _clip(model_class: type, config: dict, tokenizer: object) -> torch.nn.Module:
+    from transformers import CLIPTextConfig
+
+    return model_class(
         CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
+            **config,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
-    t5 = T5EncoderModel(
+
+
+def _t5_xxl(t5_tok: object, t5_layers: int) -> torch.nn.Module:
+    """T5-v1.1-XXL's encoder at its widths, with ``t5_layers`` of its 24 layers."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
         T5Config(
             vocab_size=32128,
             d_model=4096,
@@ -85,6 +126,21 @@ def build_model(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype
             decoder_start_token_id=t5_tok.pad_token_id,
         )
     )
+
+
+def build_model(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype) -> Path:
+    """Write the random FLUX.1-architecture folder (seeded) at ``dest``, weights in ``save_dtype``
+    (FLUX.1-dev ships bf16)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from uce_cli.weights.tiny import build_tiny_tokenizer
+    from uce_cli.weights.tiny_joint import _vae, build_tiny_t5_tokenizer
+
+    clip_tok, t5_tok = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    clip = _clip(CLIPTextModel, CLIP_L, clip_tok)
+    t5 = _t5_xxl(t5_tok, t5_layers)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
@@ -108,6 +164,51 @@ def build_model(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
+    return _save(pipe, dest)
+
+
+def build_sd3(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype) -> Path:
+    """Write the random SD3-medium text path (seeded) at ``dest``: CLIP-L and CLIP-G with their
+    projections, T5 at XXL widths, the transformer with ``blocks`` joint blocks; as in
+    ``uce_cli.weights.tiny_joint.build_tiny_sd3`` (CLIP-G's tokenizer pads with "!")."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    from uce_cli.weights.tiny import build_tiny_tokenizer
+    from uce_cli.weights.tiny_joint import _vae, build_tiny_t5_tokenizer
+
+    clip_tok, clip_g_tok, t5_tok = (
+        build_tiny_tokenizer(),
+        build_tiny_tokenizer(),
+        build_tiny_t5_tokenizer(),
+    )
+    clip_g_tok.pad_token = "!"
+    torch.manual_seed(0)
+    clip = _clip(CLIPTextModelWithProjection, CLIP_L, clip_tok)
+    clip_g = _clip(CLIPTextModelWithProjection, CLIP_G, clip_g_tok)
+    t5 = _t5_xxl(t5_tok, t5_layers)
+    transformer = SD3Transformer2DModel(**SD3_MEDIUM, num_layers=blocks)
+    for module in (clip, clip_g, t5, transformer):
+        module.to(save_dtype)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(0),
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=clip_g,
+        tokenizer_2=clip_g_tok,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tok,
+    )
+    return _save(pipe, dest)
+
+
+def _save(pipe: object, dest: Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -115,19 +216,23 @@ def build_model(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype
     return dest
 
 
-def time_t5(model: Path, prompts: list[str], device: str, dtype: str) -> float:
-    """Seconds of T5 forwards over ``prompts`` at 512 tokens, 32 a batch (uce's default)."""
+def time_t5(
+    model: Path, prompts: list[str], device: str, dtype: str, family: str = "flux"
+) -> float:
+    """Seconds of T5 forwards over ``prompts`` at the family's length (FLUX 512 tokens, SD3 256),
+    32 a batch (uce's default)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     from uce_cli.families.model import DTYPES, pick_device, pick_dtype
 
     run_device = pick_device(device)
     run_dtype = pick_dtype(dtype, run_device) if dtype == "auto" else DTYPES[dtype]
-    tok = AutoTokenizer.from_pretrained(str(model / "tokenizer_2"))
-    t5 = T5EncoderModel.from_pretrained(str(model / "text_encoder_2"), dtype=run_dtype)
+    tokenizer_folder, encoder_folder, length = T5_PATH[family]
+    tok = AutoTokenizer.from_pretrained(str(model / tokenizer_folder))
+    t5 = T5EncoderModel.from_pretrained(str(model / encoder_folder), dtype=run_dtype)
     t5 = t5.to(run_device).eval()
     with torch.inference_mode():
-        ids = tok(prompts, padding="max_length", max_length=512, return_tensors="pt").input_ids
+        ids = tok(prompts, padding="max_length", max_length=length, return_tensors="pt").input_ids
         t5(ids[:1].to(run_device))  # warm-up
         if run_device.type == "cuda":
             torch.cuda.synchronize()
@@ -141,6 +246,9 @@ def time_t5(model: Path, prompts: list[str], device: str, dtype: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--family", choices=["flux", "sd3"], default="flux", help="FLUX.1 or SD3-medium"
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--dtype", default="fp32", help="text encoders' dtype: fp32 | bf16 | fp16")
     parser.add_argument("--t5-layers", type=int, default=2, help="of T5-XXL's 24 (default 2)")
@@ -167,10 +275,11 @@ def main() -> None:
         work = args.work
         work.mkdir(parents=True, exist_ok=True)
     try:
-        model = work / f"flux-t5x{args.t5_layers}-b{args.blocks}-{args.save_dtype}"
+        model = work / f"{args.family}-t5x{args.t5_layers}-b{args.blocks}-{args.save_dtype}"
         t0 = time.perf_counter()
         if not (model / "model_index.json").is_file():
-            build_model(model, args.t5_layers, args.blocks, DTYPES[args.save_dtype])
+            build = build_sd3 if args.family == "sd3" else build_model
+            build(model, args.t5_layers, args.blocks, DTYPES[args.save_dtype])
         build_s = time.perf_counter() - t0
         names = [
             f"Artist Number {chr(65 + i % 26)}{chr(97 + i // 26 % 26)}"
@@ -195,9 +304,10 @@ def main() -> None:
         wall = time.perf_counter() - t0
         log = result.log
         layers = log["layers"]
-        t5_s = time_t5(model, plan.prompts(), args.device, args.dtype)
+        t5_s = time_t5(model, plan.prompts(), args.device, args.dtype, args.family)
         encode_s = log["timings"]["encode"]
         report = {
+            "family": log["base_model"]["family"],
             "device": log["device"],
             "dtype": log["dtype"],
             "t5_layers_built": args.t5_layers,
