@@ -49,6 +49,8 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+from uce_cli.weights.full_size import CLIP_L_TEXT, randomized
+
 ARTISTS_FALLBACK = [f"Artist Number {i} Of The Benchmark" for i in range(2000)]
 
 SD14_UNET = dict(
@@ -71,16 +73,6 @@ SD14_VAE = dict(
     layers_per_block=2,
     latent_channels=4,
     sample_size=512,
-)
-CLIP_L_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
 )
 # Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1's unet/ and text_encoder/ configs): SD 1.x's
 # blocks and channels, 1024-d cross-attention with per-block head sizes, linear projections and
@@ -140,18 +132,6 @@ def build_model(dest: Path, arch: str = "sd14") -> Path:
     torch.manual_seed(0)
     # SD 2.x's tokenizer pads with "!"; its converted text config says pad_token_id 1
     tokenizer = build_tiny_tokenizer() if pad_token is None else build_tiny_tokenizer(pad_token)
-
-    def randomized(module: torch.nn.Module) -> torch.nn.Module:
-        module = module.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "norm" in name and name.endswith("weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, 0.02)
-        return module
 
     config = CLIPTextConfig(
         **text_config,

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from uce_cli.weights.full_size import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT
+
 RECIPE = """model: {model}
 alignment: {alignment}
 erase:
@@ -51,28 +53,6 @@ output: {{formats: [{formats}]}}
 """
 
 
-# CLIP ViT-L/14's text config (FLUX.1's text_encoder, SD3's text_encoder)
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-# OpenCLIP ViT-bigG/14's text tower (SD3's text_encoder_2)
-CLIP_G = dict(
-    vocab_size=49408,
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
 # SD3-medium's transformer config (stabilityai/stable-diffusion-3-medium-diffusers), less the blocks
 SD3_MEDIUM = dict(
     sample_size=128,
@@ -139,7 +119,7 @@ def build_model(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype
 
     clip_tok, t5_tok = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
     torch.manual_seed(0)
-    clip = _clip(CLIPTextModel, CLIP_L, clip_tok)
+    clip = _clip(CLIPTextModel, CLIP_L_TEXT, clip_tok)
     t5 = _t5_xxl(t5_tok, t5_layers)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -188,8 +168,8 @@ def build_sd3(dest: Path, t5_layers: int, blocks: int, save_dtype: torch.dtype) 
     )
     clip_g_tok.pad_token = "!"
     torch.manual_seed(0)
-    clip = _clip(CLIPTextModelWithProjection, CLIP_L, clip_tok)
-    clip_g = _clip(CLIPTextModelWithProjection, CLIP_G, clip_g_tok)
+    clip = _clip(CLIPTextModelWithProjection, CLIP_L_TEXT, clip_tok)
+    clip_g = _clip(CLIPTextModelWithProjection, OPENCLIP_BIGG_TEXT, clip_g_tok)
     t5 = _t5_xxl(t5_tok, t5_layers)
     transformer = SD3Transformer2DModel(**SD3_MEDIUM, num_layers=blocks)
     for module in (clip, clip_g, t5, transformer):

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from uce_cli.weights.full_size import randomized
+
 PIXART_ALPHA = dict(
     activation_fn="gelu-approximate",
     attention_bias=True,
@@ -95,22 +97,6 @@ FAMILIES = {
     "pixart": ("PixArtAlphaPipeline", "PixArtTransformer2DModel", PIXART_ALPHA, "T5EncoderModel"),
     "sana": ("SanaPipeline", "SanaTransformer2DModel", SANA_1600M, "Gemma2Model"),
 }
-
-
-def randomized(module: object) -> object:
-    """Materialize a meta-device module with small random weights (fast; no init kernels)."""
-    import torch
-
-    module = module.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
-    return module
 
 
 def build_model(dest: Path, family: str, text_layers: int | None, full_denoiser: bool) -> Path:

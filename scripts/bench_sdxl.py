@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from uce_cli.weights.full_size import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, randomized
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SDXL_UNET = dict(
@@ -50,43 +52,7 @@ SDXL_UNET = dict(
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     use_linear_projection=True,
 )
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-BIG_G = dict(
-    vocab_size=49408,
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
 ARTISTS = [f"Artist Number {i} Of The Benchmark" for i in range(2000)]
-
-
-def _randomized(module: object) -> object:
-    """Materialize a meta-device module with N(0, 0.02) weights (norm weights 1, biases 0)."""
-    import torch
-
-    module = module.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
-    return module
 
 
 def build_model(dest: Path) -> Path:
@@ -111,8 +77,8 @@ def build_model(dest: Path) -> Path:
     tok = tokenizers["tokenizer"]
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     for name, cls, cfg in (
-        ("text_encoder", CLIPTextModel, CLIP_L),
-        ("text_encoder_2", CLIPTextModelWithProjection, BIG_G),
+        ("text_encoder", CLIPTextModel, CLIP_L_TEXT),
+        ("text_encoder_2", CLIPTextModelWithProjection, OPENCLIP_BIGG_TEXT),
     ):
         config = CLIPTextConfig(
             **cfg,
@@ -121,7 +87,7 @@ def build_model(dest: Path) -> Path:
         )
         with torch.device("meta"):
             model = cls(config)
-        _randomized(model).save_pretrained(tmp / name, safe_serialization=True)
+        randomized(model).save_pretrained(tmp / name, safe_serialization=True)
         del model
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
