@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from uce_cli.edit.evalprompts import DEFAULT_HELDOUT_TEMPLATES  # noqa: E402
 from uce_cli.families.sdxl import POOLED_KEY, SdxlFamily  # noqa: E402
+from uce_cli.judge.prompts import DEFAULT_HELDOUT_TEMPLATES  # noqa: E402
 from uce_cli.weights.tiny_sdxl import write_tiny_sdxl  # noqa: E402
 
 OBJECT = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")

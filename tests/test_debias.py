@@ -260,7 +260,7 @@ def test_clip_classifier_scores_images_as_clip_does(tiny_clip: Path) -> None:
     from PIL import Image
     from transformers import CLIPModel
 
-    from uce_cli.artifacts.classify import ClipClassifier, label_ratios
+    from uce_cli.judge.classify import ClipClassifier, label_ratios
 
     images = [Image.new("RGB", (64, 64), color) for color in ("red", "blue", "white")]
     labels = ["image of male", "image of female", "image of black"]

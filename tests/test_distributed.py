@@ -208,7 +208,7 @@ def test_fid_features_gathered_across_two_ranks_give_the_one_process_figure(
 
 
 def test_per_pair_values_come_back_in_one_process_order() -> None:
-    from uce_cli.commands.evalimages import _across_ranks
+    from uce_cli.judge.images import _across_ranks
 
     pairs = list(range(7))
     seen = []

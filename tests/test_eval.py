@@ -53,8 +53,8 @@ def eval_cli(*args: str):  # noqa: ANN201
 
 
 def test_text_figures_match_a_direct_computation(tiny_model: Path) -> None:
-    from uce_cli.artifacts.evaltext import DriftPrompt, HeldOutPrompt, TextInputs, text_figures
     from uce_cli.families.model import open_model, open_text_path
+    from uce_cli.judge.text import DriftPrompt, HeldOutPrompt, TextInputs, text_figures
 
     base = open_model(str(tiny_model))
     text_path = open_text_path(base, torch.device("cpu"), torch.float32)

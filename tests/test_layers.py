@@ -4,7 +4,8 @@ Read with the AST, every import counts (module level and inside functions; only 
 TYPE_CHECKING:`` blocks, which never run, are left out). The packages are the layers, top to
 bottom:
 
-    cli/ → commands/ (apply, debias, sample, evaluate, transfer, verify) → artifacts/ (formats,
+    cli/ → commands/ (apply, debias, sample, transfer, verify) and judge/ (prompt sets, text
+    figures, images, classifiers, report) → artifacts/ (formats,
     outputs, edit log, reports) with the edit's statistics and solve → edit/ (recipe → plan →
     encode) → families/model.py (opens a model through its family) → families/ → weights/ (files,
     headers, hub, tiny models) → errors and other leaves
@@ -22,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "uce_cli"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("uce_cli.cli", "uce_cli.__main__")),
-    ("commands", ("uce_cli.commands",)),
+    ("commands, judging", ("uce_cli.commands", "uce_cli.judge")),
     (
         "artifacts, statistics, solve",
         ("uce_cli.artifacts", "uce_cli.edit.stats", "uce_cli.edit.cache", "uce_cli.edit.solve"),

@@ -15,8 +15,8 @@ from uce_cli.errors import UceError
 
 def figures_table(report: dict) -> Table:
     """The report's figures, and its expectations when it has any."""
-    from uce_cli.artifacts.evalreport import fmt
     from uce_cli.edit.evalspec import FIGURES
+    from uce_cli.judge.report import fmt
 
     table = Table(title="eval")
     for column in ("figure", "value", "meaning"):
@@ -28,7 +28,7 @@ def figures_table(report: dict) -> Table:
 
 def expect_table(rows: list[dict]) -> Table:
     """Expected against measured figures."""
-    from uce_cli.artifacts.evalreport import fmt
+    from uce_cli.judge.report import fmt
 
     table = Table(title="expect")
     for column in ("figure", "expected", "±", "measured", "source", "ok"):
@@ -100,7 +100,7 @@ def eval_(
 
     Example: uce eval runs/quickstart && uce eval runs/quickstart --check
     """
-    from uce_cli.commands.evaluate import (
+    from uce_cli.judge.evaluate import (
         EVAL_DIR,
         EVAL_JSON,
         build_report,
@@ -127,7 +127,7 @@ def eval_(
             text = evaluate_text(opened, getattr(device, "value", device), batch_size, progress)
             image_part = None
             if images or samples is not None:
-                from uce_cli.commands.evalimages import evaluate_images
+                from uce_cli.judge.images import evaluate_images
 
                 image_part = evaluate_images(
                     opened, samples, limit, getattr(device, "value", device), progress, ranks
@@ -136,7 +136,7 @@ def eval_(
             return
         report = build_report(opened, text, image_part)
         if plots:
-            from uce_cli.artifacts.evalplots import write_plots
+            from uce_cli.judge.plots import write_plots
 
             report["plots"] = write_plots(opened.path / EVAL_DIR, report, opened.path)
         write_report(opened, report, force)

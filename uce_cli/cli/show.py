@@ -217,7 +217,7 @@ def show(
         out.print(f"ratio plot written to {plot}")
     if path.is_dir():
         from uce_cli.cli.eval import expect_table, figures_table
-        from uce_cli.commands.evaluate import read_report
+        from uce_cli.judge.evaluate import read_report
 
         report = read_report(path)
         if report is not None:

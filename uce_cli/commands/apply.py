@@ -192,7 +192,7 @@ def open_stage(
                 f"{model.family.label} has a {model.denoiser} — give the alphas explicitly"
             )
         # The judge first: without it (offline, not cached) the loop cannot run at all.
-        from uce_cli.artifacts.classify import ClipClassifier
+        from uce_cli.judge.classify import ClipClassifier
 
         classifier = classifier or ClipClassifier(plan.loop.classifier, run_device)
     # One identity for the text encoder (its weights, not its file layout): the preserve cache

@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from uce_cli.artifacts.classify import Classifier, label_ratios
 from uce_cli.artifacts.edits import apply_edit
 from uce_cli.distributed import Ranks
 from uce_cli.edit.plan import EditPlan
 from uce_cli.edit.recipe import DebiasLoop
 from uce_cli.edit.solve import Scales, solve_edit
 from uce_cli.edit.stats import DebiasBlock, EditStats
+from uce_cli.judge.classify import Classifier, label_ratios
 from uce_cli.progress import NullProgress, Progress
 
 

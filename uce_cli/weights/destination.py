@@ -192,7 +192,7 @@ def replace_refusal(out: Path) -> str | None:
     return None
 
 
-EVAL_SUBDIR = "eval"  # where `uce eval` writes inside a run (uce_cli.commands.evaluate.EVAL_DIR)
+EVAL_SUBDIR = "eval"  # where `uce eval` writes inside a run (uce_cli.judge.evaluate.EVAL_DIR)
 
 
 def _is_uce_eval(path: Path) -> bool:

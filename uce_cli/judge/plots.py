@@ -106,7 +106,7 @@ def _worst_best_grid(path: Path, report: dict[str, Any]) -> str | None:
     if not images or not text:
         return None
     grids = Path(images["samples"]) / "grids"
-    from uce_cli.edit.evalprompts import norm
+    from uce_cli.judge.prompts import norm
 
     cases = images.get("cases", {})  # norm(concept) → first case id with images
     ranked = sorted(

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from uce_cli.distributed import Ranks
-from uce_cli.edit.evalprompts import norm, read_prompt_set
 from uce_cli.edit.prompts import MAX_SEED, PromptRow
 from uce_cli.errors import DataError, UceError
+from uce_cli.judge.prompts import norm, read_prompt_set
 from uce_cli.progress import NullProgress, Progress
 
 EXTRA = "eval"

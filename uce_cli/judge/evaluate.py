@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from uce_cli.artifacts.editlog import package_versions, read_edit_log
-from uce_cli.edit.evalprompts import DEFAULT_HELDOUT_TEMPLATES, norm, read_prompt_set
 from uce_cli.edit.evalspec import FIGURES, Evaluate, Expect
 from uce_cli.edit.plan import EditPlan, resolve_plan
 from uce_cli.edit.recipe import load_recipe, parse_recipe, recipe_sha256
 from uce_cli.errors import DataError, OutputError, RecipeError, UceError
+from uce_cli.judge.prompts import DEFAULT_HELDOUT_TEMPLATES, norm, read_prompt_set
 from uce_cli.progress import NullProgress, Progress
 
 EVAL_SCHEMA = 1
@@ -105,7 +105,7 @@ def text_inputs(run: Run) -> tuple[Any, list[str]]:
     Raises:
         DataError: a prompt set cannot be read, or names a concept that was not edited.
     """
-    from uce_cli.artifacts.evaltext import DriftPrompt, HeldOutPrompt, TextInputs
+    from uce_cli.judge.text import DriftPrompt, HeldOutPrompt, TextInputs
 
     guides = edited_guides(run.plan)
     debiased = {norm(p.concept) for p in run.plan.pairs if p.section.startswith("debias")}
@@ -183,8 +183,8 @@ def evaluate_text(
     """The text-side section of eval.json (figures, per layer, per concept, settings)."""
     import torch
 
-    from uce_cli.artifacts.evaltext import text_figures
     from uce_cli.families.model import open_model, open_text_path, pick_device
+    from uce_cli.judge.text import text_figures
 
     progress = progress or NullProgress()
     t0 = time.perf_counter()
@@ -283,8 +283,8 @@ def read_report(run_path: Path) -> dict[str, Any] | None:
 
 def write_report(run: Run, report: dict[str, Any], force: bool) -> Path:
     """Write eval/eval.json and eval/eval.md (atomically each); refuse to replace without force."""
-    from uce_cli.artifacts.evalreport import render_markdown
     from uce_cli.artifacts.outputs import write_json
+    from uce_cli.judge.report import render_markdown
 
     folder = run.path / EVAL_DIR
     if (folder / EVAL_JSON).exists() and not force:
