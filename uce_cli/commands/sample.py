@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +44,10 @@ from uce_cli.edit.prompts import MAX_SEED, PromptRow, file_stem
 from uce_cli.errors import OutputError, UceError
 from uce_cli.families.model import open_model, pick_device, pick_dtype, same_or_inside
 from uce_cli.grid import make_grid, write_png
+from uce_cli.paths import expand_home
 from uce_cli.progress import NullProgress, Progress
-from uce_cli.weights.destination import check_sample_out
+from uce_cli.safe_files import check_no_links, write_json
+from uce_cli.weights.destination import check_sample_out, lock_sample_out, unlock_sample_out
 
 MANIFEST_FILE = "manifest.json"
 RANK_MANIFEST_GLOB = "manifest.rank-*.json"  # one per rank of a launched run, until rank 0 merges
@@ -166,8 +167,46 @@ def run_sample(
     if not rows:
         raise UceError("no prompts to sample — give --prompt or --prompts-file")
     _check_options(options)
-    out = Path(out).expanduser()
+    out = expand_home(out, "--out", OutputError)
     check_sample_out(out)  # a file, or a manifest.json uce did not write, is refused
+    roles = ROLES if compare else (("edited",) if edit is not None else ("base",))
+    for sub in (*roles, "grids"):  # uce's own folders: a link there would take the images away
+        check_no_links(out / sub, out)
+    run_id = _lock(out, ranks)
+    try:
+        return _sample(rows, out, model, edit, compare, options, progress, ranks, run_id)
+    finally:
+        if ranks.main:
+            unlock_sample_out(out, run_id)
+
+
+def _lock(out: Path, ranks: Ranks) -> str:
+    """Rank 0 takes the folder's lock; every rank learns the run id (or rank 0's refusal)."""
+    outcome: tuple[str, str] = ("", "")
+    if ranks.main:
+        try:
+            outcome = ("run", lock_sample_out(out))
+        except OutputError as exc:
+            outcome = ("error", str(exc))
+    if ranks.distributed:
+        outcome = ranks.broadcast(outcome)
+    if outcome[0] == "error":
+        raise OutputError(outcome[1])
+    return outcome[1]
+
+
+def _sample(
+    rows: list[PromptRow],
+    out: Path,
+    model: str | None,
+    edit: Path | str | None,
+    compare: bool,
+    options: SampleOptions,
+    progress: Progress,
+    ranks: Ranks,
+    run_id: str,
+) -> SampleResult:
+    """``run_sample`` once the folder is locked (``run_id`` tags this run's rank manifests)."""
     warnings: list[str] = []
 
     progress.start("load model")
@@ -241,9 +280,9 @@ def run_sample(
         # Also after an interrupt: the manifest then lists what was drawn before it.
         if out.is_dir():
             if ranks.distributed:
-                _write_rank_manifest(out, ranks.rank, jobs, common, edit_fields)
+                _write_rank_manifest(out, ranks.rank, jobs, common, edit_fields, run_id)
             else:
-                _write_manifest(out, jobs, common, edit_fields)
+                _write_manifest(out, jobs, common, edit_fields, run_id)
     generated = sum(j.generated for j in jobs)
     images = [(j.index, {"path": j.path.relative_to(out).as_posix(), **j.meta}) for j in jobs]
     result = SampleResult(
@@ -257,7 +296,7 @@ def run_sample(
         warnings=warnings,
     )
     if ranks.distributed:
-        result = _merge_ranks(result, images, ranks, common, edit_fields)
+        result = _merge_ranks(result, images, ranks, common, edit_fields, run_id)
     return result
 
 
@@ -267,6 +306,7 @@ def _merge_ranks(
     ranks: Ranks,
     common: dict[str, str],
     edit_fields: dict[str, str],
+    run_id: str,
 ) -> SampleResult:
     """Every rank's images and totals on every rank; rank 0 merges the manifests.
 
@@ -276,7 +316,7 @@ def _merge_ranks(
     parts = ranks.gather((images, mine.grids, mine.generated, mine.seconds))
     merged = sorted((entry for part in parts for entry in part[0]), key=lambda e: e[0])
     if ranks.main:
-        _write_manifest(mine.out, [], common, edit_fields)
+        _write_manifest(mine.out, [], common, edit_fields, run_id)
     ranks.barrier()  # nobody returns (and reads manifest.json) before rank 0 has written it
     generated = sum(part[2] for part in parts)
     return SampleResult(
@@ -453,7 +493,7 @@ def _generate(
                     **family_kwargs,
                 ).images
                 for job, image in zip(batch, images, strict=True):
-                    write_png(image, job.path, job.meta)
+                    write_png(image, job.path, job.meta, job.path.parents[1])
                     job.done = job.generated = True
     finally:
         if saved is not None:
@@ -466,13 +506,7 @@ def _generate(
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_json(path, payload, root=path.parent)
 
 
 def _job_entries(out: Path, jobs: list[_Job]) -> dict[str, dict[str, str]]:
@@ -497,10 +531,26 @@ def _read_entries(out: Path, path: Path) -> dict[str, dict[str, str]]:
     return entries
 
 
+def _run_of(path: Path) -> str | None:
+    """The run id a rank manifest was written by, None if it is not a readable one."""
+    try:
+        if path.is_symlink():
+            return None
+        run = json.loads(path.read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return run if isinstance(run, str) else None
+
+
 def _write_rank_manifest(
-    out: Path, rank: int, jobs: list[_Job], common: dict[str, str], edit_fields: dict[str, str]
+    out: Path,
+    rank: int,
+    jobs: list[_Job],
+    common: dict[str, str],
+    edit_fields: dict[str, str],
+    run_id: str,
 ) -> Path:
-    """manifest.rank-<rank>.json: this rank's images on disk, for rank 0 to merge."""
+    """manifest.rank-<rank>.json: this rank's images on disk, tagged with the run, for rank 0."""
     path = out / f"manifest.rank-{rank}.json"
     entries = _job_entries(out, jobs)
     _write_json(
@@ -508,6 +558,7 @@ def _write_rank_manifest(
         {
             "schema": MANIFEST_SCHEMA,
             "rank": rank,
+            "run": run_id,
             "settings": {**common, **edit_fields},
             "images": [entries[k] for k in sorted(entries)],
         },
@@ -516,23 +567,27 @@ def _write_rank_manifest(
 
 
 def _write_manifest(
-    out: Path, jobs: list[_Job], common: dict[str, str], edit_fields: dict[str, str]
+    out: Path,
+    jobs: list[_Job],
+    common: dict[str, str],
+    edit_fields: dict[str, str],
+    run_id: str,
 ) -> Path:
     """manifest.json: every image on disk of this run, plus entries of earlier runs still on disk.
 
-    Rank manifests (of this launched run, or of an earlier one that was killed) are merged in and
-    then removed.
+    This run's rank manifests (tagged ``run_id``) are merged in and then removed; one left by
+    another run (killed before its merge) is ignored: its images are listed again by the run that
+    resumes them, under that run's settings.
     """
     path = out / MANIFEST_FILE
     entries: dict[str, dict[str, str]] = {}
-    if path.is_file():
+    if path.is_file() and not path.is_symlink():
         entries = _read_entries(out, path)
-    rank_files = sorted(out.glob(RANK_MANIFEST_GLOB))
+    rank_files = [p for p in sorted(out.glob(RANK_MANIFEST_GLOB)) if _run_of(p) == run_id]
     for rank_file in rank_files:
         entries.update(_read_entries(out, rank_file))
     entries.update(_job_entries(out, jobs))
     grids = sorted(p.relative_to(out).as_posix() for p in (out / "grids").glob("*.png"))
-    out.mkdir(parents=True, exist_ok=True)
     _write_json(
         path,
         {
@@ -583,5 +638,5 @@ def _write_grids(
             **common,
             **edit_fields,
         }
-        write_png(grid, path, meta)
+        write_png(grid, path, meta, out)
     return written

@@ -306,9 +306,13 @@ def _pickle_copy(path: Path, cache: Path) -> Path:
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    # A fresh temporary file (O_EXCL) in the destination folder, then a rename: never a write
+    # through a name someone else may have planted.
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        save_file(load_pickle(path), str(tmp), {"source": path.name})
+        save_file(load_pickle(path), name, {"source": path.name})
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
