@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uce_cli.edit.prompts import check_regular_file
 from uce_cli.edit.recipe import (
     BAD_CHARACTERS,
     ConceptSource,
@@ -31,6 +30,7 @@ from uce_cli.edit.recipe import (
 )
 from uce_cli.edit.upstream import UPSTREAM_PREFIX, upstream_source
 from uce_cli.errors import DataError, RecipeError
+from uce_cli.paths import expand_home
 from uce_cli.weights.modelspec import BUILTIN_PREFIX, looks_like_local_path
 
 # Prompt templates of the published runs; the named sets also keep the bare concept.
@@ -151,21 +151,7 @@ def expand(concept: str, templates: str | list[str]) -> list[str]:
 
 def _regular_file(path: Path, what: str) -> None:
     """Refuse anything but an existing regular file, without opening it (a FIFO would block)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataError(
-            f"{what} {path} does not exist — paths are relative to the recipe"
-        ) from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DataError(f"cannot read {what} {path} ({reason})") from None
-    if stat.S_ISDIR(mode):
-        raise DataError(f"{what} {path} is a folder, not a regular file — name the file in it")
-    if not stat.S_ISREG(mode):
-        raise DataError(
-            f"{what} {path} is not a regular file (a pipe, socket or device) — give a txt or csv file"
-        )
+    check_regular_file(path, what, "paths are relative to the recipe", "a txt or csv file")
 
 
 def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
@@ -176,7 +162,7 @@ def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
         # a shipped list (no column) when uce ships the one asked for, else the fetched file
         path, column = upstream_source(name[len(UPSTREAM_PREFIX) :], column)
     else:
-        path = base_dir / Path(name).expanduser()
+        path = base_dir / expand_home(name, "recipe: concepts_file", RecipeError)
     _regular_file(path, "concepts file")
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -414,7 +400,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
 
     out = output_dir
     if out is None and recipe.output.dir is not None:
-        out = base_dir / Path(recipe.output.dir).expanduser()
+        out = base_dir / expand_home(recipe.output.dir, "recipe: output.dir", RecipeError)
 
     return EditPlan(
         model=model,
@@ -476,7 +462,7 @@ def resolve_model_spec(model: str, base_dir: Path) -> str:
     """
     if model.startswith(BUILTIN_PREFIX):
         return model
-    candidate = base_dir / Path(model).expanduser()
+    candidate = base_dir / expand_home(model, "recipe: model", RecipeError)
     if _exists(candidate) or looks_like_local_path(model):
         try:
             return str(candidate.resolve())
