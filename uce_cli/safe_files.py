@@ -195,7 +195,7 @@ def open_new(path: Path, root: Path | None = None, text: bool = False) -> Iterat
                 fd, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})
             ) as f:
                 yield f
-            os.rename(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=dir_fd)

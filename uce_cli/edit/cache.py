@@ -110,6 +110,9 @@ def save_preserve(key: str, entry: PreserveEntry, info: dict[str, str]) -> Path 
         blocker = _not_a_folder(path.parent)
         if blocker is not None:
             raise NotADirectoryError(errno.ENOTDIR, "a file where a folder should be", str(blocker))
+        if (path.exists() or path.is_symlink()) and (path.is_symlink() or not path.is_file()):
+            kind = "a symbolic link" if path.is_symlink() else "not a file"
+            raise IsADirectoryError(errno.EISDIR, kind, str(path))
         g_p = entry.G_p.detach().to("cpu", torch.float64).contiguous()
         meta = {
             "format": FORMAT,
