@@ -1,11 +1,11 @@
-"""Where uce keeps its cache (tiny model, fetched data files, preserve statistics)."""
+"""Where uce keeps its cache (tiny model, fetched data files, preserve statistics), and ``~`` in paths."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from uce_cli.errors import UceError
+from uce_cli.errors import RecipeError, UceError
 
 CACHE_ENV = "UCE_CACHE_DIR"
 
@@ -20,10 +20,11 @@ def expand_home(path: str | os.PathLike[str], what: str, error: type[UceError] =
     try:
         return Path(path).expanduser()
     except RuntimeError:  # "Could not determine home directory."
-        raise error(
+        message = (
             f"{what} {str(path)!r}: cannot expand '~' — no home directory is known for it (HOME "
             "unset, or no such user); write the path in full"
-        ) from None
+        )
+        raise (error([message]) if issubclass(error, RecipeError) else error(message)) from None
 
 
 def cache_dir() -> Path:

@@ -119,9 +119,10 @@ def _walk(folder: Path, root: Path | None, create: bool) -> int:
     return fd
 
 
-def check_no_links(path: Path, root: Path) -> None:
-    """Refuse ``path`` (and every folder between ``root`` and it) when any of them is a symbolic
-    link or, above ``path``, not a folder. Missing names are fine: uce creates them.
+def check_no_links(path: Path, root: Path, kind: str = "folder") -> None:
+    """Refuse ``path`` (a ``kind``: folder or file) and every folder between ``root`` and it when
+    any of them is a symbolic link or, above ``path``, not a folder. Missing names are fine: uce
+    creates them.
 
     Raises:
         UnsafePathError: naming the first offending path.
@@ -135,7 +136,7 @@ def check_no_links(path: Path, root: Path) -> None:
         except FileNotFoundError:
             return
         if stat.S_ISLNK(mode):
-            raise UnsafePathError(link_refusal(here, "folder" if here != path else "file"))
+            raise UnsafePathError(link_refusal(here, "folder" if here != path else kind))
         if here != path and not stat.S_ISDIR(mode):
             raise UnsafePathError(f"{here} is not a folder — move it away or choose another --out")
 

@@ -172,41 +172,6 @@ def run_sample(
     roles = ROLES if compare else (("edited",) if edit is not None else ("base",))
     for sub in (*roles, "grids"):  # uce's own folders: a link there would take the images away
         check_no_links(out / sub, out)
-    run_id = _lock(out, ranks)
-    try:
-        return _sample(rows, out, model, edit, compare, options, progress, ranks, run_id)
-    finally:
-        if ranks.main:
-            unlock_sample_out(out, run_id)
-
-
-def _lock(out: Path, ranks: Ranks) -> str:
-    """Rank 0 takes the folder's lock; every rank learns the run id (or rank 0's refusal)."""
-    outcome: tuple[str, str] = ("", "")
-    if ranks.main:
-        try:
-            outcome = ("run", lock_sample_out(out))
-        except OutputError as exc:
-            outcome = ("error", str(exc))
-    if ranks.distributed:
-        outcome = ranks.broadcast(outcome)
-    if outcome[0] == "error":
-        raise OutputError(outcome[1])
-    return outcome[1]
-
-
-def _sample(
-    rows: list[PromptRow],
-    out: Path,
-    model: str | None,
-    edit: Path | str | None,
-    compare: bool,
-    options: SampleOptions,
-    progress: Progress,
-    ranks: Ranks,
-    run_id: str,
-) -> SampleResult:
-    """``run_sample`` once the folder is locked (``run_id`` tags this run's rank manifests)."""
     warnings: list[str] = []
 
     progress.start("load model")
@@ -255,49 +220,70 @@ def _sample(
         "uce_version": __version__,
     }
     edit_fields = {"edit": str(edit), "edit_sha256": loaded_edit.sha256} if loaded_edit else {}
-    mine = ranks.share(list(enumerate(rows)))
-    jobs = _plan_jobs(mine, roles, out, options, common, edit_fields)
-    _mark_done(jobs)
-    if compare:
-        _refuse_foreign_grids([row for _, row in mine], out)
-    todo = [j for j in jobs if not j.done]
-    progress.finish()
-
-    seconds = 0.0
+    # The folder is locked only now that the input is valid: a refused run creates nothing.
+    run_id = _lock(out, ranks)
     try:
-        if todo:
-            progress.start("load pipeline")
-            pipe = load_pipeline(base.root, scheduler_cls, device, dtype, base.denoiser)
-            progress.finish()
-            t0 = time.perf_counter()
-            _generate(
-                pipe, base.denoiser, todo, loaded_edit, options, height, width, progress,
-                base.family.sample_kwargs() if base.family is not None else {},
-            )  # fmt: skip
-            seconds = time.perf_counter() - t0
-        grids = _write_grids(mine, jobs, out, common, edit_fields) if compare else []
+        mine = ranks.share(list(enumerate(rows)))
+        jobs = _plan_jobs(mine, roles, out, options, common, edit_fields)
+        _mark_done(jobs)
+        if compare:
+            _refuse_foreign_grids([row for _, row in mine], out)
+        todo = [j for j in jobs if not j.done]
+        progress.finish()
+
+        seconds = 0.0
+        try:
+            if todo:
+                progress.start("load pipeline")
+                pipe = load_pipeline(base.root, scheduler_cls, device, dtype, base.denoiser)
+                progress.finish()
+                t0 = time.perf_counter()
+                _generate(
+                    pipe, base.denoiser, todo, loaded_edit, options, height, width, progress,
+                    base.family.sample_kwargs() if base.family is not None else {},
+                )  # fmt: skip
+                seconds = time.perf_counter() - t0
+            grids = _write_grids(mine, jobs, out, common, edit_fields) if compare else []
+        finally:
+            # Also after an interrupt: the manifest then lists what was drawn before it.
+            if out.is_dir():
+                if ranks.distributed:
+                    _write_rank_manifest(out, ranks.rank, jobs, common, edit_fields, run_id)
+                else:
+                    _write_manifest(out, jobs, common, edit_fields, run_id)
+        generated = sum(j.generated for j in jobs)
+        images = [(j.index, {"path": j.path.relative_to(out).as_posix(), **j.meta}) for j in jobs]
+        result = SampleResult(
+            out=out,
+            manifest=out / MANIFEST_FILE,
+            images=[entry for _, entry in images],
+            grids=grids,
+            generated=generated,
+            skipped=len(jobs) - generated,
+            seconds=seconds,
+            warnings=warnings,
+        )
+        if ranks.distributed:
+            result = _merge_ranks(result, images, ranks, common, edit_fields, run_id)
+        return result
     finally:
-        # Also after an interrupt: the manifest then lists what was drawn before it.
-        if out.is_dir():
-            if ranks.distributed:
-                _write_rank_manifest(out, ranks.rank, jobs, common, edit_fields, run_id)
-            else:
-                _write_manifest(out, jobs, common, edit_fields, run_id)
-    generated = sum(j.generated for j in jobs)
-    images = [(j.index, {"path": j.path.relative_to(out).as_posix(), **j.meta}) for j in jobs]
-    result = SampleResult(
-        out=out,
-        manifest=out / MANIFEST_FILE,
-        images=[entry for _, entry in images],
-        grids=grids,
-        generated=generated,
-        skipped=len(jobs) - generated,
-        seconds=seconds,
-        warnings=warnings,
-    )
+        if ranks.main:
+            unlock_sample_out(out, run_id)
+
+
+def _lock(out: Path, ranks: Ranks) -> str:
+    """Rank 0 takes the folder's lock; every rank learns the run id (or rank 0's refusal)."""
+    outcome: tuple[str, str] = ("", "")
+    if ranks.main:
+        try:
+            outcome = ("run", lock_sample_out(out))
+        except OutputError as exc:
+            outcome = ("error", str(exc))
     if ranks.distributed:
-        result = _merge_ranks(result, images, ranks, common, edit_fields, run_id)
-    return result
+        outcome = ranks.broadcast(outcome)
+    if outcome[0] == "error":
+        raise OutputError(outcome[1])
+    return outcome[1]
 
 
 def _merge_ranks(
