@@ -168,6 +168,16 @@ def test_sample_refuses_its_subfolders_as_links(
     assert list(victim.iterdir()) == []
 
 
+def test_sample_refuses_an_image_that_is_a_link(tiny_model: Path, tmp_path: Path) -> None:
+    precious = user_file(tmp_path)
+    out = tmp_path / "samples"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "0-0.png").symlink_to(precious)
+    result = run(*SAMPLE, "--model", tiny_model, "--prompt", "a cat", "--out", out)
+    assert_error(result, "base/0-0.png is a symbolic link where uce writes its own file")
+    assert precious.read_text() == "the user's own file\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # §1 recovery never follows or moves a link
 

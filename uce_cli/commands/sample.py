@@ -46,7 +46,7 @@ from uce_cli.families.model import open_model, pick_device, pick_dtype, same_or_
 from uce_cli.grid import make_grid, write_png
 from uce_cli.paths import expand_home
 from uce_cli.progress import NullProgress, Progress
-from uce_cli.safe_files import check_no_links, write_json
+from uce_cli.safe_files import check_no_links, link_refusal, write_json
 from uce_cli.weights.destination import check_sample_out, lock_sample_out, unlock_sample_out
 
 MANIFEST_FILE = "manifest.json"
@@ -380,6 +380,8 @@ def _mark_done(jobs: list[_Job]) -> None:
     """Mark jobs whose image exists with the same parameters; refuse one made differently."""
     clashes = []
     for job in jobs:
+        if job.path.is_symlink():  # never read or write an image through a link
+            raise OutputError(link_refusal(job.path))
         if not job.path.exists():
             continue
         try:
@@ -405,6 +407,8 @@ def _refuse_foreign_grids(rows: list[PromptRow], out: Path) -> None:
     """A grid this run may rewrite must be one uce drew (its PNG text has ``uce_version``)."""
     for row in rows:
         path = out / "grids" / f"{file_stem(row.case)}.png"
+        if path.is_symlink():
+            raise OutputError(link_refusal(path))
         if not (path.exists() or path.is_symlink()):
             continue
         try:

@@ -4,13 +4,18 @@ Torch-free, so the CLI refuses a bad ``--out`` before it loads a model.
 
 **What ``--force`` may replace.** An existing output folder is replaced only when it is empty or
 is itself a uce output: its ``edit_log.json`` is a JSON object written by uce (``schema`` and
-``versions.uce``, as every ``uce apply``/``merge``/``transfer`` log has), and every file in the
-folder is that log or is listed in the log's ``outputs``. A folder holding anything else (the
-working folder, a recipe's folder, ``$HOME``, a uce output into which other files were put) is
+``versions.uce``, as every ``uce apply``/``merge``/``transfer`` log has) whose ``outputs`` is a
+non-empty map of relative file names to sha256 digests (a log without it, or of any other shape,
+proves nothing), and every file in the folder is that log or one it lists — file by file, links
+never. A folder holding anything else (the working folder, a recipe's folder, ``$HOME``, a uce
+output into which other files were put, the ``eval/`` that ``uce eval`` wrote into a run) is
 refused, naming the folder and the first foreign file. The working folder (or one holding it) and
-a folder holding one of the command's inputs are refused even when uce wrote them. A ``uce
-sample`` folder (``manifest.json``) is never replaced: sample resumes into it and only ever adds
-or rewrites its own images, grids and manifest (``check_sample_out``).
+a folder holding one of the command's inputs are refused even when uce wrote them. A replacement
+is announced (``warning: --force: replacing …``). A ``uce sample`` folder (``manifest.json``) is
+never replaced: sample resumes into it and only ever adds or rewrites its own images, grids and
+manifest (``check_sample_out``), one run at a time (``lock_sample_out``).
+
+Every file is written through ``uce_cli.safe_files`` (never through a link planted in a folder).
 
 **Staging and the swap.** Outputs are written into ``.NAME.uce-tmp-XXXXXXXX`` beside ``NAME``
 (same filesystem, so renames are atomic); it holds a marker file ``.uce-run.json`` (pid, host,
@@ -36,7 +41,9 @@ as if it had never started:
   folder's marker names (killed between removing its marker and renaming it).
 
 Each action is reported as a ``UceWarning`` (the CLI prints ``warning: …``). Leftovers of a live
-process, of another host, or without a readable marker are left alone, with a warning naming them.
+process, of another host, or without a readable marker (a marker that is a link, or names a pid
+no process can have, is not one) are left alone, with a warning naming them. Recovery never
+follows or moves a link: an old folder whose ``previous`` is one is left alone.
 """
 
 from __future__ import annotations
