@@ -110,6 +110,24 @@ def test_write_file_replaces_a_regular_file_atomically_with_default_modes(tmp_pa
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_a_full_disk_names_the_file_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def full(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".uce-tmp"):  # the temporary file writes to /dev/full: ENOSPC
+            return real_open("/dev/full", os.O_WRONLY)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", full)
+    target = tmp_path / "out" / "manifest.json"
+    with pytest.raises(OSError) as caught:
+        write_json(target, {"images": ["x" * 100_000]}, root=tmp_path / "out")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # §1 eval and sample through links planted in their folders
 
@@ -239,7 +257,14 @@ def test_out_inside_a_symlink_loop_is_one_line(tiny_model: Path, tmp_path: Path)
 
 @pytest.mark.parametrize(
     "outputs",
-    [None, "missing", [], ["notes.txt"], {"notes.txt": "x"}, {"../notes.txt": "0" * 64}],
+    [
+        None,
+        "missing",
+        [],
+        ["notes.txt"],
+        {"notes.txt": "x"},
+        {"notes.txt": "0" * 64, "../outside.txt": "0" * 64},
+    ],
     ids=["null", "missing", "empty-list", "list", "not-a-digest", "escapes"],
 )
 def test_force_never_trusts_a_log_without_a_valid_file_list(

@@ -197,11 +197,13 @@ def open_new(path: Path, root: Path | None = None, text: bool = False) -> Iterat
             ) as f:
                 yield f
             os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.unlink(tmp, dir_fd=dir_fd)
             except OSError:
                 pass
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(path)  # a failed write (a full disk) names the file, not an fd
             raise
     finally:
         os.close(dir_fd)
