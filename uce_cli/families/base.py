@@ -145,6 +145,11 @@ class Family(ABC):
     # their bytes join the text encoder's in ``text_encoder_weights_sha256``, the edit's identity.
     text_tensor_prefixes: ClassVar[tuple[str, ...]] = ()
 
+    # (text encoder components, their width field, denoiser config field): the encoders' widths
+    # ("hidden": hidden_size or d_model; "projection": projection_dim) must sum to the field, so a
+    # component from another model is refused from the configs (``families.consistency``).
+    width_checks: ClassVar[tuple[tuple[tuple[str, ...], str, str], ...]] = ()
+
     def __init__(self, root: Path, index: dict[str, Any]) -> None:
         self.root = root
         self.index = index

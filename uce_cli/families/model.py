@@ -188,6 +188,7 @@ def open_model(
             f"{root / family.denoiser} has no cross-attention layers (no tensor uce edits: "
             f"{family.edits}) — uce edits text-conditioned {family.denoiser}s"
         )
+    check_editable_dtypes(tensors)
     for group in {t.group for t in tensors}:
         widths = {t.part_width for t in tensors if t.group == group}
         if len(widths) != 1:
@@ -196,6 +197,38 @@ def open_model(
             )
     tensors.sort(key=lambda t: family.order(t.key))
     return BaseModelFiles(spec, revision, root, family.denoiser, files, tensors, family=family)
+
+
+# safetensors dtypes uce edits in place. float8 is refused rather than edited in float32 and
+# rounded back: with 3 mantissa bits (e4m3) a weight moves in steps of 6-12 %, while an edit's
+# delta is typically a few % of the weight, so writing it back in float8 would round most of the
+# edit away (and re-quantize every untouched value of an edited row) without a word.
+EDITABLE_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def check_editable_dtypes(tensors: list[EditableTensor]) -> None:
+    """Refuse editable weights uce cannot edit faithfully: float8 and integer (quantized) dtypes.
+
+    Raises:
+        ModelError: naming the file, the tensor and its dtype.
+    """
+    for t in tensors:
+        if t.dtype in EDITABLE_DTYPES:
+            continue
+        if t.dtype.startswith("F8"):
+            why = (
+                "float8 keeps 3 mantissa bits, so an edit written back in it would be mostly "
+                "rounded away — convert the weights to bf16 or fp16 first"
+            )
+        else:
+            why = (
+                "an integer or quantized weight cannot hold the edit without rounding it — give "
+                "the floating-point weights"
+            )
+        raise ModelError(
+            f"{t.file}: editable tensor {t.key} is stored as {t.dtype}; uce edits "
+            f"{', '.join(EDITABLE_DTYPES)} weights only: {why}"
+        )
 
 
 def text_encoder_files(model: BaseModelFiles) -> list[Path]:

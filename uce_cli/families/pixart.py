@@ -173,6 +173,7 @@ class CaptionFamily(Family):
     """What PixArt and Sana share: a transformer whose blocks' attn2 read projected captions."""
 
     denoiser: ClassVar[str] = DENOISER
+    width_checks = ((("text_encoder",), "hidden", "caption_channels"),)
     edits: ClassVar[str] = "cross-attention keys/values"
     cuda_dtype: ClassVar[str] = "bf16"  # T5 (PixArt) and Gemma 2 (Sana) overflow in fp16
     encoder_classes: ClassVar[tuple[str, ...]]  # text_encoder classes the family accepts
