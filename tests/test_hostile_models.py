@@ -210,3 +210,38 @@ def test_check_edit_values_accepts_a_real_edit(erased_model: Path, tiny_model: P
         from uce_cli.artifacts.edits import check_edit_values
 
         check_edit_values(Path("x"), {"k": torch.tensor([float("nan")])})
+
+
+# --- uce sample: settings a family's pipeline rejects -------------------------------------------
+
+
+def _sample(model: Path, out: Path, *args: str) -> object:
+    return runner.invoke(
+        app,
+        ["sample", "--quiet", "--model", str(model), "--prompt", "a cat", "--out", str(out), *args],
+    )
+
+
+def test_pixart_one_step_is_refused_in_one_line(tiny_pixart: Path, tmp_path: Path) -> None:
+    """One step (with --guidance 0, as found, or any guidance) took the DMD path: IndexError."""
+    for guidance in ("0", "4.5"):
+        result = _sample(tiny_pixart, tmp_path / "o", "--steps", "1", "--guidance", guidance)
+        assert result.exit_code == 1, result.stderr
+        assert result.stderr.startswith("error: --steps 1: the PixArt-α pipeline")
+        assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr
+        assert not (tmp_path / "o").exists()
+    done = _sample(tiny_pixart, tmp_path / "ok", "--steps", "2", "--guidance", "0", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["generated"] == 1
+
+
+def test_sana_size_not_divisible_by_32_is_refused(tiny_sana: Path, tmp_path: Path) -> None:
+    result = _sample(tiny_sana, tmp_path / "o", "--steps", "2", "--height", "16")
+    assert result.exit_code == 1, result.stderr
+    assert result.stderr == (
+        "error: --height 16: Sana pipelines need a height and width divisible by 32 — use e.g. "
+        "--height 32\n"
+    )
+    assert not (tmp_path / "o").exists()
+    done = _sample(tiny_sana, tmp_path / "ok", "--steps", "2", "--height", "64")
+    assert done.exit_code == 0, done.stderr

@@ -193,6 +193,14 @@ class Family(ABC):
         it conditions on exactly the vectors uce edits (e.g. no caption rewriting)."""
         return {}
 
+    # The multiple an image's height and width must be for the family's pipeline (diffusers'
+    # check_inputs refuses others): ``uce sample`` refuses other sizes in one line.
+    size_multiple: ClassVar[int] = 8
+
+    def sampling_refusal(self, steps: int, scheduler: str) -> str | None:
+        """Why the family's pipeline cannot sample with these settings (one line), or None."""
+        return None
+
     def text_path_of(self, pipe: Any) -> TextPath | None:
         """The text path over a loaded pipeline's own tokenizers and encoders (the debias loop
         samples with that pipeline and encodes with it); None: ``text_path`` loads them again."""

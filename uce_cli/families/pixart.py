@@ -291,6 +291,17 @@ class PixArtFamily(CaptionFamily):
         sigma = index.get("_class_name") == "PixArtSigmaPipeline"
         self.label = "PixArt-Σ" if sigma else "PixArt-α"  # one name: α and Σ share the text path
 
+    def sampling_refusal(self, steps: int, scheduler: str) -> str | None:
+        """PixArt-α with one step takes the pipeline's one-step (DMD) path, which reads the
+        denoised sample a scheduler's step returns second: only LCMScheduler (a DMD model's)
+        returns one; any other fails there with an IndexError."""
+        if self.label == "PixArt-α" and steps == 1 and scheduler != "LCMScheduler":
+            return (
+                "--steps 1: the PixArt-α pipeline's one-step path is for one-step (DMD) models "
+                f"with LCMScheduler; {scheduler} cannot take it — use --steps 2 or more"
+            )
+        return None
+
     @classmethod
     def claims(cls, index: dict[str, Any]) -> bool:
         """Exactly the α and Σ text-to-image pipelines (not their PAG or ControlNet variants)."""
