@@ -21,9 +21,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import SchemaError
 
 from uce_cli.edit.evalspec import Evaluate
-from uce_cli.errors import RecipeError
+from uce_cli.errors import RecipeError, is_interrupt
 
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
@@ -641,6 +642,10 @@ def parse_recipe(data: Any, label: str) -> Recipe:
         problems += _problems_from(exc, label)
     except RecursionError:
         problems = [f"{label}: the recipe is nested too deeply — a recipe is a few levels deep"]
+    except SchemaError as exc:  # Ctrl-C while pydantic-core built a validator: still Ctrl-C
+        if is_interrupt(exc):
+            raise KeyboardInterrupt from None
+        raise
     if problems:
         if len(problems) > MAX_PROBLEMS:
             more = len(problems) - MAX_PROBLEMS
