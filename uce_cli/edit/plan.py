@@ -519,8 +519,8 @@ def check_loop_work(plan: EditPlan, allow_long: bool = False) -> None:
     raise RecipeError(
         [
             f"{plan.source_file}: debias_loop: up to {work['image_steps']:,} image sampling steps "
-            f"({work['rounds']} rounds × {work['prompts']} prompts × {work['images_per_prompt']} "
-            f"images × {work['steps']} steps), beyond the ceiling of {MAX_LOOP_WORK:,} — lower "
+            f"({work['rounds']} rounds × {work['prompts']} prompt(s) × "
+            f"{work['images_per_prompt']} images × {work['steps']} steps), beyond the ceiling of {MAX_LOOP_WORK:,} — lower "
             "max_iterations, seeds, images_per_seed or steps, or pass --allow-long to run it"
         ]
     )
