@@ -146,3 +146,13 @@ def test_too_many_prompts_is_refused_before_they_are_built(tmp_path: Path) -> No
     )
     with pytest.raises(RecipeError, match="more than 200,000 prompts"):
         plan_recipe(recipe)
+
+
+def test_validate_warns_of_a_loop_beyond_the_ceiling(tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path, DEBIAS + "debias_loop:\n  max_iterations: 10000\n  steps: 10000\n"
+    )
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(f"warning: {recipe}: debias_loop: up to ")
+    assert "--allow-long" in result.stderr and result.stdout.startswith(f"ok {recipe}")
