@@ -42,7 +42,13 @@ from uce_cli.artifacts.pipeline import image_size, load_pipeline, resolve_schedu
 from uce_cli.distributed import Ranks
 from uce_cli.edit.prompts import MAX_SEED, PromptRow, file_stem
 from uce_cli.errors import OutputError, UceError
-from uce_cli.families.model import open_model, pick_device, pick_dtype, same_or_inside
+from uce_cli.families.model import (
+    BaseModelFiles,
+    open_model,
+    pick_device,
+    pick_dtype,
+    same_or_inside,
+)
 from uce_cli.grid import make_grid, write_png
 from uce_cli.paths import expand_home
 from uce_cli.progress import NullProgress, Progress
@@ -201,6 +207,7 @@ def run_sample(
         )
     scheduler_cls = resolve_scheduler(options.scheduler, base.root)
     height, width = image_size(base.root, options.height, options.width, base.denoiser)
+    _check_family_settings(base, options, scheduler_cls.__name__, height, width)
     device = pick_device(options.device)
     if ranks.distributed and device.type == "cuda":
         device = ranks.state.device  # this rank's GPU, as accelerate assigned it
@@ -340,6 +347,28 @@ def _check_options(o: SampleOptions) -> None:
         )
     if problems:
         raise UceError("\n".join(problems))
+
+
+def _check_family_settings(
+    base: BaseModelFiles, o: SampleOptions, scheduler: str, height: int, width: int
+) -> None:
+    """Refuse a size or step count the family's pipeline would reject deep inside its call."""
+    family = base.family
+    if family is None:
+        return
+    multiple = family.size_multiple
+    for name, value, given in (("height", height, o.height), ("width", width, o.width)):
+        if value % multiple:
+            what = (
+                f"--{name} {value}" if given is not None else f"the model's default {name} {value}"
+            )
+            raise UceError(
+                f"{what}: {family.label} pipelines need a height and width divisible by "
+                f"{multiple} — use e.g. --{name} {max(multiple, value // multiple * multiple)}"
+            )
+    refusal = family.sampling_refusal(o.steps, scheduler)
+    if refusal is not None:
+        raise UceError(refusal)
 
 
 def _plan_jobs(
