@@ -104,6 +104,7 @@ def eval_(
         EVAL_DIR,
         EVAL_JSON,
         build_report,
+        check_eval_folder,
         check_expectations,
         evaluate_text,
         open_run,
@@ -113,8 +114,12 @@ def eval_(
 
     silence_third_party()
     opened = open_run(run)
-    existing = read_report(opened.path)
-    if check and existing is not None and not force and not images and samples is None:
+    existing = None
+    if check and not force and not images and samples is None:
+        existing = read_report(opened.path)  # checked as it is, without recomputing
+    else:
+        check_eval_folder(opened.path)
+    if existing is not None:
         report = existing
         report["expect"] = check_expectations(report, opened.evaluate.expect)
     else:

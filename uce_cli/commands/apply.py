@@ -411,6 +411,8 @@ def edit_log(
             plan.recipe_sha256, {**outputs, **{str(f): d for f, d in written.content.items()}}
         ),
         recipe_file=plan.source_file,
+        # where the recipe is, so its relative paths never depend on the working folder
+        recipe_folder=str(Path(plan.source_file).expanduser().resolve().parent),
         recipe_sha256=plan.recipe_sha256,
         recipe=plan.recipe,
         paths=relative_paths(plan.source_file, plan.recipe_paths, out),
