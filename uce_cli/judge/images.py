@@ -9,7 +9,6 @@ one-process order before averaging; FID gathers every image's Inception features
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,14 +139,13 @@ def sample_images(
     else:
         folder = Path(samples).expanduser()
     manifest_path = folder / MANIFEST_FILE
-    if not manifest_path.is_file():
+    if not (manifest_path.exists() or manifest_path.is_symlink()):
         raise DataError(
             f"--samples {folder}: no {MANIFEST_FILE} — give a `uce sample --compare` folder"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{manifest_path}: not readable ({exc})") from None
+    from uce_cli.artifacts.records import read_manifest_record
+
+    manifest = read_manifest_record(manifest_path)
     settings = manifest.get("settings", {})
     wanted = {"steps": str(spec.steps), "guidance": f"{spec.guidance:g}", "model": run.base_spec}
     for key, value in wanted.items():
@@ -166,6 +164,7 @@ def image_pairs(
     spec = run.evaluate.images
     entries = {e.get("path"): e for e in manifest.get("images", []) if isinstance(e, dict)}
     pairs, missing = [], []
+    from uce_cli.artifacts.imagefile import read_image
     from uce_cli.edit.prompts import file_stem
 
     for row in rows:
@@ -175,13 +174,15 @@ def image_pairs(
             for role in ("base", "edited"):
                 rel = f"{role}/{file_stem(row.case)}-{seed}.png"
                 entry = entries.get(rel)
-                if entry is None or not (folder / rel).is_file():
+                if entry is None or not ((folder / rel).exists() or (folder / rel).is_symlink()):
                     missing.append(rel)
                 elif entry.get("prompt") != row.prompt:
                     raise DataError(
                         f"{folder / rel}: made for prompt {entry.get('prompt')!r}, the recipe's "
                         f"row says {row.prompt!r} — sample again into another folder"
                     )
+                else:  # decoded once up front: a bad file is said by name before any model loads
+                    read_image(folder / rel)
                 paths[role] = folder / rel
             if len(paths) == 2:
                 pairs.append(
@@ -207,11 +208,10 @@ def _across_ranks(pairs: list[Any], ranks: Ranks, score: Callable[[list[Any]], l
 
 
 def _open(paths: list[Path]) -> list[Image.Image]:
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    return images
+    """RGB images through uce's one image loader (no symlinks, no bombs, no truncated files)."""
+    from uce_cli.artifacts.imagefile import load_image
+
+    return [load_image(p) for p in paths]
 
 
 def _unit(features: Any) -> torch.Tensor:
