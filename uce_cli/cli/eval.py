@@ -84,6 +84,14 @@ def eval_(
     plots: Annotated[
         bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib).")
     ] = True,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="With --check: pass when the recipe has no expect: entries (without it, a "
+            "check with nothing to check fails).",
+        ),
+    ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Recompute and replace an existing eval/.")
     ] = False,
@@ -114,6 +122,11 @@ def eval_(
 
     silence_third_party()
     opened = open_run(run)
+    if check and not opened.evaluate.expect and not allow_empty:
+        raise UceError(
+            f"{run}: its recipe's evaluate: has no expect: entries, so --check has nothing to "
+            "check — add expect: to the recipe, or pass --allow-empty to let an empty check pass"
+        )
     existing = None
     if check and not force and not images and samples is None:
         existing = read_report(opened.path)  # checked as it is, without recomputing
@@ -156,7 +169,7 @@ def eval_(
             out.print(expect_table(report["expect"]))
     if check:
         if not report["expect"]:
-            err.print("no expect: entries in the recipe — nothing to check")
+            err.print("no expect: entries in the recipe — nothing to check (--allow-empty)")
         if failed:
             names = "; ".join(
                 f"{r['metric']} = {'missing' if r['measured'] is None else format(r['measured'], '.4g')}"
