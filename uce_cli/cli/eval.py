@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from uce_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from uce_cli.cli.merge import AllowPickleOpt
 from uce_cli.console import RichProgress, err, out, silence_third_party
 from uce_cli.errors import UceError
 
@@ -95,6 +96,7 @@ def eval_(
     force: Annotated[
         bool, typer.Option("--force", help="Recompute and replace an existing eval/.")
     ] = False,
+    allow_pickle: AllowPickleOpt = False,
     device: DeviceOpt = "auto",
     batch_size: Annotated[
         int,
@@ -148,7 +150,13 @@ def eval_(
                 from uce_cli.judge.images import evaluate_images
 
                 image_part = evaluate_images(
-                    opened, samples, limit, getattr(device, "value", device), progress, ranks
+                    opened,
+                    samples,
+                    limit,
+                    getattr(device, "value", device),
+                    progress,
+                    ranks,
+                    allow_pickle=allow_pickle,
                 )
         if not ranks.main:
             return

@@ -194,7 +194,9 @@ def open_stage(
         # The judge first: without it (offline, not cached) the loop cannot run at all.
         from uce_cli.judge.classify import ClipClassifier
 
-        classifier = classifier or ClipClassifier(plan.loop.classifier, run_device)
+        classifier = classifier or ClipClassifier(
+            plan.loop.classifier, run_device, allow_pickle=allow_pickle
+        )
     # One identity for the text encoder (its weights, not its file layout): the preserve cache
     # key, the operator/LoRA metadata and the edit log all use it; the base k/v weights' content
     # hash names the base in delta/LoRA files (uce merge checks it). Hashing releases the GIL, so

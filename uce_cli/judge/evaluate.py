@@ -195,6 +195,9 @@ def build_report(run: Run, text: dict[str, Any] | None, images: dict[str, Any] |
     }
     report["figures"] = flat_figures(report)
     report["expect"] = check_expectations(report, run.evaluate.expect)
+    from uce_cli.judge.notices import report_notices
+
+    report["notices"] = report_notices(run, images)
     return report
 
 
