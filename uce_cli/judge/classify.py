@@ -92,9 +92,9 @@ def load_advice(model_id: str, first: str) -> str:
     from pathlib import Path
 
     if Path(model_id).expanduser().is_dir() or model_id.startswith("builtin:"):
-        return f"it does not load from {model_id} ({first}) — fix or replace that folder"
+        return f"does not load from that folder ({first}) — fix or replace it"
     return (
-        f"it is not available here ({first}) — fetch it once with `hf download {model_id}` "
+        f"is not available here ({first}) — fetch it once with `hf download {model_id}` "
         "(then it loads offline from the Hugging Face cache), or point the recipe at a local folder"
     )
 
@@ -136,7 +136,7 @@ class ClipClassifier:
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UceError(
-                f"{field}: cannot load the CLIP classifier '{model_id}': "
+                f"{field}: cannot load the CLIP classifier '{model_id}': it "
                 f"{load_advice(model_id, first)}"
             ) from None
 

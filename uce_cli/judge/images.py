@@ -90,7 +90,7 @@ def _from_pretrained(
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UceError(
-            f"metric {metric}: model '{model_id}': {load_advice(model_id, first)}"
+            f"metric {metric}: model '{model_id}' {load_advice(model_id, first)}"
         ) from None
 
 
