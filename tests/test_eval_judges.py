@@ -60,7 +60,7 @@ def test_a_missing_metric_package_skips_that_metric_only(
     assert "Metric `nudenet` was skipped: metric nudenet needs the `nudenet` package" in md
 
 
-def test_random_models_and_judges_are_said_at_the_top_and_clip_fixture_judges(
+def test_random_models_and_judges_are_said_at_the_top_and_tiny_clip_judges(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     run = _images_run(tiny_model, tmp_path / "r", "builtin:tiny-clip", "clip_score")
