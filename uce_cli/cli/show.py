@@ -137,6 +137,8 @@ def write_ratio_plot(debias: dict, path: Path) -> None:
     if not iterations:
         raise UceError("the debias loop of this log recorded no iteration — nothing to plot")
     attributes = list(iterations[0]["items"][0]["ratios"]) if iterations[0]["items"] else []
+    if not attributes:
+        raise UceError("the debias loop of this log recorded no ratios — nothing to plot")
     fig, axes = plt.subplots(
         1, len(attributes), figsize=(4.5 * len(attributes), 3.6), squeeze=False, sharey=True
     )
