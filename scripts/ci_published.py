@@ -5,9 +5,11 @@ For each recipes/published/*.yaml: `uce validate`, `uce apply --dry-run --model 
 (Algorithm 1) are applied as a copy whose `debias_loop` uses the builtin tiny CLIP judge and a
 one-iteration, two-image, two-step loop: the published loop would sample 9,250 images a round.
 With --plots DIR, the plots of --plots-recipe are copied there (the README shows them).
-Prints one line per recipe and a JSON summary; exits 1 if any recipe fails. A report whose held-out
-prompt set is a large upstream file (I2P, COCO-30k) that is neither cached, in $UCE_DATA_MIRROR nor
-fetchable (offline) is listed as `needs-data`, not failed: the edit itself was applied.
+Prints one line per recipe and a JSON summary; exits 1 if any recipe fails. A recipe whose eval
+needs one of the two large upstream prompt sets uce fetches on demand (I2P, COCO-30k) and finds
+it neither cached, in $UCE_DATA_MIRROR nor fetchable (offline) is listed as `needs-data`: the edit
+itself was applied. Every other recipe must write its report (eval/eval.json): a missing report,
+or a missing data file that uce ships, fails the run — so a fresh clone offline checks something.
 
 Usage: python scripts/ci_published.py --work runs/published [--plots docs] [--only erase-artists-5] [--jobs 2]
 """
@@ -26,6 +28,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from uce_cli.edit.upstream import FETCHED_ON_DEMAND  # noqa: E402 - after the path is set
+
 # uce eval's one-line error for a held-out prompt set it can neither find nor fetch.
 NO_DATA = "cannot download upstream data file"
 
@@ -59,6 +64,16 @@ def uce(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def failure(step: str, last: str) -> tuple[str, str]:
+    """Status and detail of a failed step: `needs-data` only for a fetched-on-demand prompt set
+    that is not here (offline, no mirror); anything else is a failure."""
+    if step == "eval" and NO_DATA in last:
+        name = last.split(NO_DATA, 1)[1].strip().split("'")[1] if "'" in last else ""
+        if name in FETCHED_ON_DEMAND:
+            return "needs-data", last.removeprefix("error: ")
+    return "FAIL", f"{step}: {last}"
+
+
 def run_recipe(recipe: Path, args: argparse.Namespace) -> dict:
     """Validate, dry-run, apply and report one recipe; print its line; return its result."""
     out = args.work / recipe.stem
@@ -74,14 +89,12 @@ def run_recipe(recipe: Path, args: argparse.Namespace) -> dict:
     for name, cmd in steps:
         done = uce(*cmd)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or [""])[-1]
-            if name == "eval" and NO_DATA in last:
-                # A large prompt set (I2P, COCO) offline with no mirror: said, not failed.
-                status, detail = "needs-data", last.removeprefix("error: ")
-            else:
-                status, detail = "FAIL", f"{name}: {last}"
+            status, detail = failure(name, (done.stderr.strip().splitlines() or [""])[-1])
             break
         if name == "eval":
+            if not (out / "eval" / "eval.json").is_file():
+                status, detail = "FAIL", "eval: exit 0 but wrote no report (eval/eval.json)"
+                break
             figures = json.loads(done.stdout)["figures"]
     seconds = time.perf_counter() - t0
     shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if v is not None)

@@ -216,7 +216,10 @@ def test_expectations_added_to_the_recipe_after_the_edit_are_checked(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     run = _run(tiny_model, tmp_path / "a")
-    assert eval_cli(run, "--check").exit_code == 0  # no expect: yet
+    empty = eval_cli(run, "--check")  # no expect: yet: a gate with nothing to check fails
+    assert empty.exit_code == 1 and "has no expect: entries" in empty.stderr
+    assert "--allow-empty" in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
+    assert eval_cli(run, "--check", "--allow-empty").exit_code == 0
     recipe = tmp_path / "a" / "recipe.yaml"
     recipe.write_text(
         recipe.read_text()
@@ -226,7 +229,7 @@ def test_expectations_added_to_the_recipe_after_the_edit_are_checked(
     assert result.exit_code == 1 and "efficacy" in result.stderr and "Table 9" in result.stderr
     # a recipe that now describes another edit is not used: the log's copy is
     recipe.write_text(recipe.read_text().replace("Rembrandt", "Vermeer"))
-    assert eval_cli(run, "--check").exit_code == 0
+    assert eval_cli(run, "--check", "--allow-empty").exit_code == 0
 
 
 def test_plots_without_matplotlib_name_the_extra(

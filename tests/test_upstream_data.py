@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 from tests.conftest import SHARED_DATA, write_recipe
 from uce_cli.cli import app
 from uce_cli.edit.plan import plan_recipe
-from uce_cli.edit.upstream import DATA_DIR, SHIPPED_FROM, SHIPPED_ONLY, upstream_source
+from uce_cli.edit.upstream import (
+    DATA_DIR,
+    FETCHED_ON_DEMAND,
+    SHIPPED_FILES,
+    SHIPPED_FROM,
+    SHIPPED_ONLY,
+    upstream_source,
+)
 from uce_cli.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +104,17 @@ def test_shipped_data_has_licence_and_source() -> None:
     assert "28c81ed5a3e41277c1a0dc55f738e7ab188e9718" in source
     shipped = sorted(str(p.relative_to(DATA_DIR)) for p in DATA_DIR.rglob("*.txt") if p.is_file())
     assert shipped == sorted([*SHIPPED_FROM, *SHIPPED_ONLY])
-    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*")) < 200_000
+    lists = [p for p in DATA_DIR.rglob("*") if p.is_file() and "upstream" not in p.parts]
+    assert sum(p.stat().st_size for p in lists) < 200_000
+    # the unchanged prompt sets the published recipes name: about 1 MB, with their licence
+    assert "MIT License" in (DATA_DIR / "upstream" / "LICENSE.upstream").read_text()
+    copies = [p for p in (DATA_DIR / "upstream").rglob("*.csv")]
+    assert sorted(str(p.relative_to(DATA_DIR / "upstream")) for p in copies) == sorted(
+        SHIPPED_FILES
+    )
+    assert sum(p.stat().st_size for p in copies) < 1_000_000
+    for name in SHIPPED_FILES:
+        assert f"`{name.split('/')[0]}" in source or "prompts_dir/" in source
 
 
 def test_package_data_globs_cover_the_shipped_files() -> None:
@@ -136,3 +153,40 @@ def test_shipped_lists_match_the_upstream_files() -> None:
 def test_unknown_upstream_name_lists_the_shipped_ones(offline: None) -> None:
     with pytest.raises(DataError, match="artists1734.txt"):
         upstream_source("nope.csv", None)
+
+
+def _recipe_upstream_names() -> dict[tuple[str, str | None, bool], str]:
+    """(upstream name, column, is a prompt set) → the first recipe naming it, over recipes/."""
+    from uce_cli.edit.recipe import load_recipe
+
+    names: dict[tuple[str, str | None, bool], str] = {}
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        recipe = load_recipe(path)
+        files = [(g.concepts_file, g.column, False) for s in ("erase", "moderate", "debias",
+                 "preserve") for g in getattr(recipe, s)]  # fmt: skip
+        ev = recipe.evaluate
+        if ev is not None:
+            files += [(ps.file, None, True) for ps in [*ev.heldout, *ev.preserved, *ev.unrelated]]
+            if ev.images is not None:
+                files.append((ev.images.prompts.file, None, True))
+        for f, column, prompt_set in files:
+            if f and f.startswith("upstream:"):
+                names.setdefault((f.removeprefix("upstream:"), column, prompt_set), path.name)
+    return names
+
+
+def test_every_upstream_file_a_recipe_names_reads_offline_but_coco_and_i2p(
+    offline: None,
+) -> None:
+    """A fresh clone with no network and no mirror: only COCO-30k and I2P need fetching."""
+    from uce_cli.edit.upstream import upstream_file
+
+    names = _recipe_upstream_names()
+    assert ("imagenette.csv", None, True) in names and ("coco_30k.csv", None, True) in names
+    for (name, column, prompt_set), recipe in names.items():
+        if name in FETCHED_ON_DEMAND:
+            with pytest.raises(AssertionError, match="network access attempted"):
+                upstream_file(name)
+            continue
+        path = upstream_file(name) if prompt_set else upstream_source(name, column)[0]
+        assert path.is_file() and path.is_relative_to(DATA_DIR), (recipe, name)

@@ -12,7 +12,6 @@ are recorded relative to the recipe's folder (``paths``), as written in it (``re
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 from datetime import datetime, timezone
@@ -99,18 +98,18 @@ def relative_paths(
 def read_edit_log(path: Path) -> dict[str, Any]:
     """Read an edit log from its file or from an output folder holding ``edit_log.json``.
 
+    The log is input (anyone may write into a folder): it goes through the validating reader of
+    ``artifacts.records``, so a field of the wrong shape is one error naming the file and field.
+
     Raises:
         UceError: missing file or not an edit log.
     """
+    from uce_cli.artifacts.records import read_edit_log_record
+
+    path = Path(path)
     file = path / "edit_log.json" if path.is_dir() else path
-    if not file.is_file():
+    if not (file.exists() or file.is_symlink()):
         raise UceError(
             f"{file}: no edit log here — give an output folder of `uce apply` or its edit_log.json"
         )
-    try:
-        log = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UceError(f"{file}: not a readable JSON edit log ({exc})") from None
-    if not isinstance(log, dict) or "layers" not in log or "schema" not in log:
-        raise UceError(f"{file}: JSON, but not a uce edit log (no 'schema'/'layers')")
-    return log
+    return read_edit_log_record(file)

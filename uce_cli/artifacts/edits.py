@@ -41,7 +41,7 @@ def edit_base_model(path: Path) -> tuple[str, str | None]:
         if log_file.is_file():
             from uce_cli.artifacts.editlog import read_edit_log
 
-            base = read_edit_log(path).get("base_model", {})
+            base = read_edit_log(path).get("base_model") or {}
             if base.get("spec"):
                 return base["spec"], base.get("revision")
         if (path / "edit.safetensors").is_file():

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from uce_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from uce_cli.cli.merge import AllowPickleOpt
 from uce_cli.console import RichProgress, err, out, silence_third_party
 from uce_cli.errors import UceError
 
@@ -84,9 +85,18 @@ def eval_(
     plots: Annotated[
         bool, typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib).")
     ] = True,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="With --check: pass when the recipe has no expect: entries (without it, a "
+            "check with nothing to check fails).",
+        ),
+    ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Recompute and replace an existing eval/.")
     ] = False,
+    allow_pickle: AllowPickleOpt = False,
     device: DeviceOpt = "auto",
     batch_size: Annotated[
         int,
@@ -104,6 +114,7 @@ def eval_(
         EVAL_DIR,
         EVAL_JSON,
         build_report,
+        check_eval_folder,
         check_expectations,
         evaluate_text,
         open_run,
@@ -113,8 +124,17 @@ def eval_(
 
     silence_third_party()
     opened = open_run(run)
-    existing = read_report(opened.path)
-    if check and existing is not None and not force and not images and samples is None:
+    if check and not opened.evaluate.expect and not allow_empty:
+        raise UceError(
+            f"{run}: its recipe's evaluate: has no expect: entries, so --check has nothing to "
+            "check — add expect: to the recipe, or pass --allow-empty to let an empty check pass"
+        )
+    existing = None
+    if check and not force and not images and samples is None:
+        existing = read_report(opened.path)  # checked as it is, without recomputing
+    else:
+        check_eval_folder(opened.path)
+    if existing is not None:
         report = existing
         report["expect"] = check_expectations(report, opened.evaluate.expect)
     else:
@@ -130,7 +150,13 @@ def eval_(
                 from uce_cli.judge.images import evaluate_images
 
                 image_part = evaluate_images(
-                    opened, samples, limit, getattr(device, "value", device), progress, ranks
+                    opened,
+                    samples,
+                    limit,
+                    getattr(device, "value", device),
+                    progress,
+                    ranks,
+                    allow_pickle=allow_pickle,
                 )
         if not ranks.main:
             return
@@ -151,7 +177,7 @@ def eval_(
             out.print(expect_table(report["expect"]))
     if check:
         if not report["expect"]:
-            err.print("no expect: entries in the recipe — nothing to check")
+            err.print("no expect: entries in the recipe — nothing to check (--allow-empty)")
         if failed:
             names = "; ".join(
                 f"{r['metric']} = {'missing' if r['measured'] is None else format(r['measured'], '.4g')}"

@@ -55,8 +55,8 @@ def summary_table(log: dict) -> Table:
     plan = log.get("plan", {})
     solver = log.get("solver", {})
     rows = {
-        "base model": log.get("base_model", {}).get("spec", "?"),
-        "recipe": f"{log.get('recipe_file', '?')} (sha256 {log.get('recipe_sha256', '?')[:12]})",
+        "base model": (log.get("base_model") or {}).get("spec") or "?",
+        "recipe": f"{log.get('recipe_file') or '?'} (sha256 {(log.get('recipe_sha256') or '?')[:12]})",
         "alignment": plan.get("alignment", "?"),
         "edit prompts / vectors": f"{plan.get('edit_prompts')} / {plan.get('edit_vectors')}",
         "preserve prompts / vectors": f"{plan.get('preserve_prompts')} / {plan.get('preserve_vectors')}",
@@ -80,13 +80,13 @@ def iteration_table(record: dict) -> Table:
         table.add_column(column, justify="left" if column in ("item", "status") else "right")
     sampled = set(record.get("sampled", []))
     for item in record.get("items", []):
-        status = "converged" if item["converged"] else "debiasing"
+        status = "converged" if item.get("converged") else "debiasing"
         if item["prompt"] not in sampled:
             status += " (not sampled)"
         table.add_row(
             item["prompt"],
             " ".join(f"{a} {r:.2f}" for a, r in item["ratios"].items()),
-            _fmt(item["gap"], ".3f"),
+            _fmt(item.get("gap"), ".3f"),
             " ".join(f"{a} {v:+.4f}" for a, v in item["alpha"].items()),
             status,
         )
@@ -113,7 +113,7 @@ def loop_table(debias: dict) -> Table:
             str(record["iteration"]),
             str(record.get("images_sampled")),
             f"{len(record.get('converged', []))}/{len(items)}",
-            _fmt(max((i["gap"] for i in items), default=None), ".3f"),
+            _fmt(max((i["gap"] for i in items if i.get("gap") is not None), default=None), ".3f"),
             *(_fmt(seconds.get(k), ".2f") for k in ("sample", "classify", "solve")),
         )
     return table
@@ -138,6 +138,8 @@ def write_ratio_plot(debias: dict, path: Path) -> None:
     if not iterations:
         raise UceError("the debias loop of this log recorded no iteration — nothing to plot")
     attributes = list(iterations[0]["items"][0]["ratios"]) if iterations[0]["items"] else []
+    if not attributes:
+        raise UceError("the debias loop of this log recorded no ratios — nothing to plot")
     fig, axes = plt.subplots(
         1, len(attributes), figsize=(4.5 * len(attributes), 3.6), squeeze=False, sharey=True
     )
@@ -150,8 +152,8 @@ def write_ratio_plot(debias: dict, path: Path) -> None:
         for n, prompt in enumerate(prompts):
             xs, ys = [], []
             for record in iterations:
-                item = next(i for i in record["items"] if i["prompt"] == prompt)
-                if attribute in item["ratios"]:
+                item = next((i for i in record["items"] if i["prompt"] == prompt), None)
+                if item is not None and attribute in item["ratios"]:
                     xs.append(record["iteration"])
                     ys.append(item["ratios"][attribute])
             # distinct markers and sizes keep items with equal ratios visible on top of each other
@@ -200,7 +202,7 @@ def show(
     """
     log = read_edit_log(path)
     if plot is not None:
-        if "debias" not in log:
+        if not log.get("debias"):
             raise UceError(
                 f"{path}: no debias loop in this edit log (alphas: auto) — nothing to plot"
             )
@@ -210,7 +212,7 @@ def show(
         return
     out.print(summary_table(log))
     out.print(layer_table(log["layers"]))
-    if "debias" in log:
+    if log.get("debias"):
         out.print(loop_table(log["debias"]))
         if log["debias"].get("iterations"):
             out.print(iteration_table(log["debias"]["iterations"][-1]))

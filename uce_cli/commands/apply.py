@@ -197,7 +197,9 @@ def open_stage(
         # The judge first: without it (offline, not cached) the loop cannot run at all.
         from uce_cli.judge.classify import ClipClassifier
 
-        classifier = classifier or ClipClassifier(plan.loop.classifier, run_device)
+        classifier = classifier or ClipClassifier(
+            plan.loop.classifier, run_device, allow_pickle=allow_pickle
+        )
     # One identity for the text encoder (its weights, not its file layout): the preserve cache
     # key, the operator/LoRA metadata and the edit log all use it; the base k/v weights' content
     # hash names the base in delta/LoRA files (uce merge checks it). Hashing releases the GIL, so
@@ -414,6 +416,8 @@ def edit_log(
             plan.recipe_sha256, {**outputs, **{str(f): d for f, d in written.content.items()}}
         ),
         recipe_file=plan.source_file,
+        # where the recipe is, so its relative paths never depend on the working folder
+        recipe_folder=str(Path(plan.source_file).expanduser().resolve().parent),
         recipe_sha256=plan.recipe_sha256,
         recipe=plan.recipe,
         paths=relative_paths(plan.source_file, plan.recipe_paths, out),

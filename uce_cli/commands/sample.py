@@ -38,10 +38,11 @@ from uce_cli.artifacts.edits import (
     edit_file_metadata,
     load_edit_tensors,
 )
+from uce_cli.artifacts.imagefile import read_image
 from uce_cli.artifacts.pipeline import image_size, load_pipeline, resolve_scheduler
 from uce_cli.distributed import Ranks
 from uce_cli.edit.prompts import MAX_SEED, PromptRow, file_stem
-from uce_cli.errors import OutputError, UceError
+from uce_cli.errors import DataError, OutputError, UceError
 from uce_cli.families.model import (
     BaseModelFiles,
     open_model,
@@ -232,7 +233,7 @@ def run_sample(
     try:
         mine = ranks.share(list(enumerate(rows)))
         jobs = _plan_jobs(mine, roles, out, options, common, edit_fields)
-        _mark_done(jobs)
+        _mark_done(jobs, out)
         if compare:
             _refuse_foreign_grids([row for _, row in mine], out)
         todo = [j for j in jobs if not j.done]
@@ -405,7 +406,7 @@ def _plan_jobs(
     return jobs
 
 
-def _mark_done(jobs: list[_Job]) -> None:
+def _mark_done(jobs: list[_Job], out: Path) -> None:
     """Mark jobs whose image exists with the same parameters; refuse one made differently."""
     clashes = []
     for job in jobs:
@@ -413,11 +414,8 @@ def _mark_done(jobs: list[_Job]) -> None:
             raise OutputError(link_refusal(job.path))
         if not job.path.exists():
             continue
-        try:
-            with Image.open(job.path) as im:
-                found = {k: str(v) for k, v in im.info.items() if isinstance(v, str)}
-        except OSError:
-            found = {}
+        # decoded in full: a truncated or foreign file is said to be so, by name
+        found = read_image(job.path, out, mode=None)[1]
         diff = [k for k in IDENTITY_KEYS if found.get(k) != job.meta[k]]
         if diff:
             clashes.append(
@@ -441,9 +439,8 @@ def _refuse_foreign_grids(rows: list[PromptRow], out: Path) -> None:
         if not (path.exists() or path.is_symlink()):
             continue
         try:
-            with Image.open(path) as im:
-                ours = "uce_version" in im.info
-        except OSError:
+            ours = "uce_version" in read_image(path, out, mode=None)[1]
+        except DataError:
             ours = False
         if not ours:
             raise OutputError(
@@ -540,14 +537,13 @@ def _job_entries(out: Path, jobs: list[_Job]) -> dict[str, dict[str, str]]:
 
 def _read_entries(out: Path, path: Path) -> dict[str, dict[str, str]]:
     """The entries of a manifest whose image is still on disk; none if it is unreadable."""
-    entries = {}
+    from uce_cli.artifacts.records import read_manifest_record
+
     try:
-        for entry in json.loads(path.read_text(encoding="utf-8")).get("images", []):
-            if (out / entry["path"]).is_file():
-                entries[entry["path"]] = entry
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}  # unreadable: rebuilt from the images of this run
-    return entries
+        manifest = read_manifest_record(path)
+    except DataError:
+        return {}  # unreadable or of another shape: rebuilt from the images of this run
+    return {e["path"]: e for e in manifest.get("images", []) if (out / e["path"]).is_file()}
 
 
 def _run_of(path: Path) -> str | None:

@@ -2,10 +2,12 @@
 
 A recipe names one as ``upstream:NAME``. The concept lists recipes use (artists, professions,
 ImageNette classes, I2P categories, the erase lists of the published runs) ship in
-``uce_cli/data/`` as plain text and never need the network. Any other upstream file is read from
-a local mirror folder when ``UCE_DATA_MIRROR`` points at one, otherwise downloaded once from the
-upstream repository at a pinned commit into the uce cache, and always checked against the sha256
-below.
+``uce_cli/data/`` as plain text, and the prompt sets the published recipes' ``evaluate:`` names
+(ImageNette, professions, the artist runs' ``prompts_dir`` files) ship byte for byte in
+``uce_cli/data/upstream/``: none of them needs the network. The two large prompt sets (COCO-30k
+captions, I2P) are read from a local mirror folder when ``UCE_DATA_MIRROR`` points at one,
+otherwise downloaded once from the upstream repository at a pinned commit into the uce cache. Every
+upstream file, shipped or fetched, is checked against the sha256 below.
 """
 
 from __future__ import annotations
@@ -109,6 +111,17 @@ SHIPPED_FROM: dict[str, tuple[str, str | None]] = {
     **{name: (name, None) for name in UPSTREAM_SHA256 if name.startswith("info/")},
 }
 SHIPPED_ONLY = ("i2p-categories.txt",)
+# Upstream files shipped unchanged in DATA_DIR / "upstream" (data/SOURCE.md): every prompt set a
+# published recipe names, except the two large ones, which stay fetched on demand.
+SHIPPED_FILES: tuple[str, ...] = (
+    "imagenette.csv",
+    "profession_prompts.csv",
+    *(
+        f"prompts_dir/erased-{n}artists-towards_art-preserve_true-sd_1_4-method_replace.csv"
+        for n in (1, 5, 10, 50, 100, 500, 1000)
+    ),
+)
+FETCHED_ON_DEMAND = ("coco_30k.csv", "unsafe-prompts4703.csv")
 
 
 def _sha256(path: Path) -> str:
@@ -163,6 +176,13 @@ def upstream_file(name: str) -> Path:
             f"unknown upstream data file '{name}' — known files: {', '.join(known)} "
             "(and the published erase lists info/…)"
         )
+    if name in SHIPPED_FILES:
+        shipped = DATA_DIR / "upstream" / name
+        if _sha256(shipped) != expected:
+            raise DataError(
+                f"shipped data file {shipped} does not match the pinned sha256 — reinstall uce"
+            )
+        return shipped
     mirror = os.environ.get(MIRROR_ENV)
     if mirror:
         path = Path(mirror).expanduser() / name

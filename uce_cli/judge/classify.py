@@ -20,10 +20,96 @@ from uce_cli.errors import UceError
 Classifier = Callable[[list[Image.Image], list[str]], torch.Tensor]
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def judge_source(
+    model_id: str, field: str, allow_pickle: bool = False, clip: bool = True
+) -> tuple[str, dict[str, object]]:
+    """Where a judge model loads from, and the ``from_pretrained`` options that keep it safe.
+
+    ``builtin:tiny-clip`` is uce's random CLIP (offline smoke runs); a local folder must hold a
+    model of the right kind, in safetensors unless ``allow_pickle`` (pickles can run code when
+    loaded — the rule uce applies to every model); a hub id loads from the Hugging Face cache.
+
+    Args:
+        model_id: the recipe's value.
+        field: the recipe field, for messages (``evaluate.clip_model``).
+        allow_pickle: ``--allow-pickle``: accept ``pytorch_model.bin`` (read ``weights_only``).
+        clip: the judge must be a CLIP model (``config.json``'s ``model_type`` says so).
+
+    Raises:
+        UceError: an unknown builtin, a local folder that is not a CLIP model, or one that holds
+            only pickled weights without ``allow_pickle``.
+    """
+    from pathlib import Path
+
+    from uce_cli.weights.tiny import TINY_CLIP_NAME
+
+    options: dict[str, object] = {} if allow_pickle else {"use_safetensors": True}
+    if model_id.startswith("builtin:"):
+        if model_id != TINY_CLIP_NAME or not clip:
+            raise UceError(
+                f"{field}: unknown builtin '{model_id}' — the builtin judge is {TINY_CLIP_NAME} "
+                "(a CLIP model with random weights, for offline smoke runs)"
+            )
+        from uce_cli.paths import cache_dir
+        from uce_cli.weights.tiny import ensure_tiny_clip
+
+        return str(ensure_tiny_clip(cache_dir())), options
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return model_id, options  # a hub id
+    config = folder / "config.json"
+    if clip:
+        import json
+
+        try:
+            kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            kind = None
+        if kind != "clip":
+            what = f"a '{kind}' model" if isinstance(kind, str) else "no readable config.json"
+            raise UceError(
+                f"{field}: {folder} holds {what}, not a CLIP model — the judge must be a "
+                "CLIPModel folder (config.json with model_type 'clip', weights, tokenizer and "
+                "preprocessor_config.json), or a hub id of one such as openai/clip-vit-base-patch32"
+            )
+    safe = any((folder / name).is_file() for name in SAFE_WEIGHTS)
+    pickled = [name for name in PICKLE_WEIGHTS if (folder / name).is_file()]
+    if pickled and not safe and not allow_pickle:
+        raise UceError(
+            f"{field}: {folder / pickled[0]} is a pickle, which can run code when loaded — "
+            "convert it to model.safetensors, or pass --allow-pickle to load it with "
+            "torch.load(weights_only=True)"
+        )
+    return str(folder), options
+
+
+def load_advice(model_id: str, first: str) -> str:
+    """What to do when a judge does not load: fetch a hub id; fix a local folder."""
+    from pathlib import Path
+
+    if Path(model_id).expanduser().is_dir() or model_id.startswith("builtin:"):
+        return f"does not load from that folder ({first}) — fix or replace it"
+    return (
+        f"is not available here ({first}) — fetch it once with `hf download {model_id}` "
+        "(then it loads offline from the Hugging Face cache), or point the recipe at a local folder"
+    )
+
+
 class ClipClassifier:
     """A CLIP model that scores images against text labels, loaded once and reused."""
 
-    def __init__(self, model_id: str, device: torch.device, batch_size: int = 50) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        device: torch.device,
+        batch_size: int = 50,
+        allow_pickle: bool = False,
+        field: str = "debias_loop.classifier",
+    ) -> None:
         """Load the model, tokenizer and image processor.
 
         Raises:
@@ -42,28 +128,16 @@ class ClipClassifier:
         self.model_id = model_id
         self.device = device
         self.batch_size = batch_size
-        source = model_id
-        if model_id.startswith("builtin:"):
-            from uce_cli.paths import cache_dir
-            from uce_cli.weights.tiny import TINY_CLIP_NAME, ensure_tiny_clip
-
-            if model_id != TINY_CLIP_NAME:
-                raise UceError(
-                    f"debias_loop.classifier: unknown builtin '{model_id}' — the builtin judge "
-                    f"is {TINY_CLIP_NAME} (random weights, for offline smoke runs)"
-                )
-            source = str(ensure_tiny_clip(cache_dir()))
+        source, options = judge_source(model_id, field, allow_pickle)
         try:
-            self.model = CLIPModel.from_pretrained(source).to(device).eval()
+            self.model = CLIPModel.from_pretrained(source, **options).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.processor = processor_cls.from_pretrained(source)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UceError(
-                f"debias_loop.classifier: cannot load the CLIP classifier '{model_id}' ({first}) — "
-                f"`alphas: auto` needs it: fetch it once with `hf download {model_id}` (then it "
-                "loads offline from the Hugging Face cache), or set debias_loop.classifier to a "
-                "local folder holding a CLIPModel"
+                f"{field}: cannot load the CLIP classifier '{model_id}': it "
+                f"{load_advice(model_id, first)}"
             ) from None
 
     @torch.inference_mode()

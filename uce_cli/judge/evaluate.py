@@ -5,84 +5,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from uce_cli.artifacts.editlog import package_versions, read_edit_log
-from uce_cli.edit.evalspec import FIGURES, Evaluate, Expect
-from uce_cli.edit.plan import EditPlan, resolve_plan
-from uce_cli.edit.recipe import load_recipe, parse_recipe, recipe_sha256
-from uce_cli.errors import DataError, OutputError, RecipeError, UceError
+from uce_cli.artifacts.editlog import package_versions
+from uce_cli.edit.evalspec import FIGURES, Expect
+from uce_cli.edit.plan import EditPlan
+from uce_cli.errors import DataError, OutputError, UceError
 from uce_cli.judge.prompts import DEFAULT_HELDOUT_TEMPLATES, norm, read_prompt_set
+from uce_cli.judge.run import Run, check_same_base, open_run  # noqa: F401 - open_run: API
 from uce_cli.progress import NullProgress, Progress
 
 EVAL_SCHEMA = 1
 EVAL_DIR = "eval"
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
-
-
-@dataclass
-class Run:
-    """An ``uce apply`` output folder opened for evaluation."""
-
-    path: Path
-    log: dict[str, Any]
-    plan: EditPlan
-    evaluate: Evaluate
-    base_dir: Path  # the recipe's folder: relative prompt files are read from it
-    base_spec: str
-    base_revision: str | None
-
-
-def open_run(path: Path) -> Run:
-    """Read a run's edit log and re-resolve its recipe (for the edited and preserved concepts).
-
-    Raises:
-        UceError: not an ``uce apply`` output, or its recipe cannot be resolved again.
-    """
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise UceError(f"{path}: not a folder — give an output folder of `uce apply`")
-    log = read_edit_log(path)
-    recipe_data = log.get("recipe")
-    base = log.get("base_model") or {}
-    if not isinstance(recipe_data, dict) or not base.get("spec"):
-        raise UceError(
-            f"{path}: its edit log has no recipe or base model (made by merge/transfer?) — "
-            "`uce eval` judges outputs of `uce apply`"
-        )
-    recipe_file = Path(log.get("recipe_file") or path / "recipe.yaml")
-    label = f"{recipe_file} (as recorded in {path / 'edit_log.json'})"
-    recipe = parse_recipe(recipe_data, label)
-    evaluate = recipe.evaluate
-    if recipe_file.is_file():
-        # The recipe file's evaluate: wins while the file still describes this edit (its hash
-        # leaves evaluate: out), so expectations can be added after the edit was made.
-        try:
-            current = load_recipe(recipe_file)
-        except RecipeError:
-            current = None
-        if current is not None and recipe_sha256(current) == log.get("recipe_sha256"):
-            evaluate = current.evaluate
-    try:
-        plan = resolve_plan(recipe, recipe_file)
-    except RecipeError as exc:
-        raise UceError(
-            f"{path}: cannot resolve its recipe again to find the edited concepts: "
-            f"{exc.problems[0]}"
-        ) from None
-    return Run(
-        path,
-        log,
-        plan,
-        evaluate or Evaluate(),
-        recipe_file.parent,
-        base["spec"],
-        base.get("revision"),
-    )
 
 
 def edited_guides(plan: EditPlan) -> dict[str, tuple[str, str]]:
@@ -161,6 +99,7 @@ def edited_weights(run: Run) -> tuple[dict, dict, str]:
     base = open_model(run.base_spec, run.base_revision)
     source = run.path / "edit.safetensors"
     edit = load_edit_tensors(source if source.is_file() else run.path, base)
+    check_same_base(run, base, list(edit.tensors))
     old = base.read_kv()
     new = {k: edit.tensors.get(k, w) for k, w in old.items()}
     unknown = sorted(set(edit.tensors) - set(old))
@@ -250,35 +189,56 @@ def build_report(run: Run, text: dict[str, Any] | None, images: dict[str, Any] |
         "run": str(run.path),
         "recipe_file": run.log.get("recipe_file"),
         "recipe_sha256": run.log.get("recipe_sha256"),
+        **run.provenance,  # which evaluate: judged the edit (judge/run.py)
         "base_model": run.base_spec,
         "text": text,
         "images": images,
     }
     report["figures"] = flat_figures(report)
     report["expect"] = check_expectations(report, run.evaluate.expect)
+    from uce_cli.judge.notices import report_notices
+
+    report["notices"] = report_notices(run, images)
     return report
+
+
+def check_eval_folder(run_path: Path) -> Path:
+    """RUN/eval, refused when something other than uce's folder and report file is there.
+
+    Raises:
+        OutputError: eval/ is a file or a symlink, or eval/eval.json is not a regular file.
+    """
+    folder = Path(run_path) / EVAL_DIR
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise OutputError(
+            f"{folder}: not a folder (a file or a symlink) where uce keeps its eval report — "
+            "move it away"
+        )
+    report = folder / EVAL_JSON
+    if report.is_symlink() or (report.exists() and not report.is_file()):
+        raise OutputError(
+            f"{report}: not a regular file (a folder or a symlink) where uce writes its eval "
+            "report — move it away"
+        )
+    return folder
 
 
 def read_report(run_path: Path) -> dict[str, Any] | None:
-    """A run's eval.json, or None when it has none.
+    """A run's eval.json (checked by the validating reader), or None when it has none.
 
     Raises:
-        UceError: the file exists but is not a readable uce eval report.
+        UceError: eval/ or eval.json is not of the kind uce writes, or the file is not a uce
+            eval report of this schema (one line naming the file and field).
     """
-    path = Path(run_path) / EVAL_DIR / EVAL_JSON
-    if not path.is_file():
+    from uce_cli.artifacts.records import read_eval_record
+
+    path = check_eval_folder(run_path) / EVAL_JSON
+    if not (path.exists() or path.is_symlink()):
         return None
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UceError(
-            f"{path}: not a readable eval report ({exc}) — rerun `uce eval --force`"
-        ) from None
-    if not isinstance(report, dict) or report.get("schema") != EVAL_SCHEMA:
-        raise UceError(
-            f"{path}: not a uce eval report of schema {EVAL_SCHEMA} — rerun with --force"
-        )
-    return report
+        return read_eval_record(path)
+    except DataError as exc:
+        raise UceError(f"{exc} — rerun `uce eval --force` to replace it") from None
 
 
 def write_report(run: Run, report: dict[str, Any], force: bool) -> Path:

@@ -9,8 +9,8 @@ one-process order before averaging; FID gathers every image's Inception features
 
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,7 +22,7 @@ from PIL import Image
 
 from uce_cli.distributed import Ranks
 from uce_cli.edit.prompts import MAX_SEED, PromptRow
-from uce_cli.errors import DataError, UceError
+from uce_cli.errors import DataError, UceError, UceWarning
 from uce_cli.judge.prompts import norm, read_prompt_set
 from uce_cli.progress import NullProgress, Progress
 from uce_cli.safe_files import create_dir
@@ -69,13 +69,29 @@ def _need(module: str, metric: str, extra: str = EXTRA, extra_note: str = "") ->
         ) from None
 
 
-def _from_pretrained(loader: Any, model_id: str, metric: str) -> Any:
+def _from_pretrained(
+    loader: Any,
+    model_id: str,
+    metric: str,
+    allow_pickle: bool = False,
+    clip: bool = True,
+    weights: bool = True,
+) -> Any:
+    """A judge model (``weights``) or its processor, loaded as ``judge_source`` says: the builtin
+    tiny CLIP, a local folder of the right kind, safetensors unless ``allow_pickle``."""
+    from uce_cli.judge.classify import judge_source, load_advice
+
+    field = "evaluate.clip_model" if clip else "evaluate.imagenet_model"
+    # a processor reads no weights: the pickle rule is the model's
+    source, options = judge_source(model_id, field, allow_pickle or not weights, clip)
+    if not weights:
+        options = {}
     try:
-        return loader.from_pretrained(model_id)
+        return loader.from_pretrained(source, **options)
     except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UceError(
-            f"metric {metric}: model '{model_id}' is not available here ({str(exc).splitlines()[0]}) "
-            f"— fetch it once with `hf download {model_id}` (or point the recipe at a local folder)"
+            f"metric {metric}: model '{model_id}' {load_advice(model_id, first)}"
         ) from None
 
 
@@ -143,14 +159,13 @@ def sample_images(
     else:
         folder = Path(samples).expanduser()
     manifest_path = folder / MANIFEST_FILE
-    if not manifest_path.is_file():
+    if not (manifest_path.exists() or manifest_path.is_symlink()):
         raise DataError(
             f"--samples {folder}: no {MANIFEST_FILE} — give a `uce sample --compare` folder"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{manifest_path}: not readable ({exc})") from None
+    from uce_cli.artifacts.records import read_manifest_record
+
+    manifest = read_manifest_record(manifest_path)
     settings = manifest.get("settings", {})
     wanted = {"steps": str(spec.steps), "guidance": f"{spec.guidance:g}", "model": run.base_spec}
     for key, value in wanted.items():
@@ -169,6 +184,7 @@ def image_pairs(
     spec = run.evaluate.images
     entries = {e.get("path"): e for e in manifest.get("images", []) if isinstance(e, dict)}
     pairs, missing = [], []
+    from uce_cli.artifacts.imagefile import read_image
     from uce_cli.edit.prompts import file_stem
 
     for row in rows:
@@ -178,13 +194,15 @@ def image_pairs(
             for role in ("base", "edited"):
                 rel = f"{role}/{file_stem(row.case)}-{seed}.png"
                 entry = entries.get(rel)
-                if entry is None or not (folder / rel).is_file():
+                if entry is None or not ((folder / rel).exists() or (folder / rel).is_symlink()):
                     missing.append(rel)
                 elif entry.get("prompt") != row.prompt:
                     raise DataError(
                         f"{folder / rel}: made for prompt {entry.get('prompt')!r}, the recipe's "
                         f"row says {row.prompt!r} — sample again into another folder"
                     )
+                else:  # decoded once up front: a bad file is said by name before any model loads
+                    read_image(folder / rel)
                 paths[role] = folder / rel
             if len(paths) == 2:
                 pairs.append(
@@ -210,11 +228,10 @@ def _across_ranks(pairs: list[Any], ranks: Ranks, score: Callable[[list[Any]], l
 
 
 def _open(paths: list[Path]) -> list[Image.Image]:
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    return images
+    """RGB images through uce's one image loader (no symlinks, no bombs, no truncated files)."""
+    from uce_cli.artifacts.imagefile import load_image
+
+    return [load_image(p) for p in paths]
 
 
 def _unit(features: Any) -> torch.Tensor:
@@ -231,12 +248,14 @@ def clip_metrics(
     want: set[str],
     device: torch.device,
     ranks: Ranks | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """clip_score(_base) and clip_accuracy(_base)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = _from_pretrained(CLIPModel, model_id, "clip_score").to(device).eval()
-    processor = _from_pretrained(CLIPProcessor, model_id, "clip_score")
+    model = _from_pretrained(CLIPModel, model_id, "clip_score", allow_pickle)
+    model = model.to(device).eval()
+    processor = _from_pretrained(CLIPProcessor, model_id, "clip_score", weights=False)
 
     def embed_text(texts: list[str]) -> torch.Tensor:
         t = processor(text=texts, return_tensors="pt", padding=True, truncation=True)
@@ -293,14 +312,22 @@ def clip_metrics(
 
 @torch.inference_mode()
 def imagenet_top1(
-    pairs: list[ImagePair], model_id: str, device: torch.device, ranks: Ranks | None = None
+    pairs: list[ImagePair],
+    model_id: str,
+    device: torch.device,
+    ranks: Ranks | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """imagenet_top1(_base): top-1 label names (comma-separated synonyms) against the concept."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    model = _from_pretrained(AutoModelForImageClassification, model_id, "imagenet_top1")
+    model = _from_pretrained(
+        AutoModelForImageClassification, model_id, "imagenet_top1", allow_pickle, clip=False
+    )
     model = model.to(device).eval()
-    processor = _from_pretrained(AutoImageProcessor, model_id, "imagenet_top1")
+    processor = _from_pretrained(
+        AutoImageProcessor, model_id, "imagenet_top1", clip=False, weights=False
+    )
     labels = {
         i: {norm(n) for n in str(name).split(",")} for i, name in model.config.id2label.items()
     }
@@ -512,10 +539,13 @@ def evaluate_images(
     device: str,
     progress: Progress | None = None,
     ranks: Ranks | None = None,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """The image section of eval.json: draw or read the images, then every asked metric.
 
-    Under ``accelerate launch`` (``ranks``) every rank returns the same section.
+    A metric whose optional package is missing is skipped (``skipped``: metric → why), the
+    others are computed. Under ``accelerate launch`` (``ranks``) every rank returns the same
+    section.
     """
     from uce_cli.families.model import pick_device
 
@@ -527,14 +557,25 @@ def evaluate_images(
             f"{run.path}: its recipe's evaluate: names no images/metrics — add evaluate.images and "
             "evaluate.metrics to compute image-level figures"
         )
+    skipped: dict[str, str] = {}  # metric → why (its optional package is missing)
     for metric, module, extra in (
         ("nudenet", "nudenet", EXTRA),
         ("lpips", "lpips", EXTRA_TORCHVISION),
         ("fid", "torch_fidelity", EXTRA_TORCHVISION),
     ):
         if metric in spec.metrics:
-            _need(module, metric, extra)  # fail before drawing any image
-    if "fid" in spec.metrics:
+            try:
+                _need(module, metric, extra)  # known before any image is drawn
+            except UceError as exc:
+                skipped[metric] = str(exc)
+                warnings.warn(
+                    f"{exc}; skipped, the other metrics are computed", UceWarning, stacklevel=2
+                )
+    wanted = [m for m in spec.metrics if m not in skipped]
+    if not wanted:  # nothing left to compute: no image is drawn
+        return {"samples": None, "cases": {}, "images": 0, "prompts": 0, "figures": {},
+                "metrics": {}, "sampling": {}, "skipped": skipped}  # fmt: skip
+    if "fid" in wanted:
         reference_images(run.base_dir / (spec.images.reference or ""))
     rows, concepts = image_rows(run, limit)
     folder, manifest = sample_images(run, rows, samples, device, progress, ranks)
@@ -544,24 +585,31 @@ def evaluate_images(
         torch_device = ranks.state.device
     metrics: dict[str, dict] = {}
     figures: dict[str, float] = {}
-    clip_want = {m for m in spec.metrics if m in ("clip_score", "clip_accuracy")}
+    clip_want = {m for m in wanted if m in ("clip_score", "clip_accuracy")}
     jobs = []
     if clip_want:
         jobs.append(
-            ("clip", lambda: clip_metrics(pairs, spec.clip_model, clip_want, torch_device, ranks))
+            (
+                "clip",
+                lambda: clip_metrics(
+                    pairs, spec.clip_model, clip_want, torch_device, ranks, allow_pickle
+                ),
+            )
         )
-    if "imagenet_top1" in spec.metrics:
+    if "imagenet_top1" in wanted:
         jobs.append(
             (
                 "imagenet_top1",
-                lambda: imagenet_top1(pairs, spec.imagenet_model, torch_device, ranks),
+                lambda: imagenet_top1(
+                    pairs, spec.imagenet_model, torch_device, ranks, allow_pickle
+                ),
             )
         )
-    if "nudenet" in spec.metrics:
+    if "nudenet" in wanted:
         jobs.append(("nudenet", lambda: nudenet_counts(pairs, spec.nudenet_threshold, ranks)))
-    if "lpips" in spec.metrics:
+    if "lpips" in wanted:
         jobs.append(("lpips", lambda: lpips_distance(pairs, torch_device, ranks)))
-    if "fid" in spec.metrics:
+    if "fid" in wanted:
         reference = run.base_dir / (spec.images.reference or "")
         jobs.append(
             (
@@ -596,4 +644,5 @@ def evaluate_images(
         "figures": figures,
         "metrics": metrics,
         "sampling": manifest.get("settings", {}),
+        "skipped": skipped,
     }

@@ -126,9 +126,10 @@ def _worst_best_grid(path: Path, report: dict[str, Any]) -> str | None:
     panels = []
     for label, concept in picks:
         file = grids / f"{cases[norm(concept)]}.png"
-        if file.is_file():
-            with Image.open(file) as im:
-                panels.append((f"{label}: {concept}", im.convert("RGB")))
+        if file.is_file() or file.is_symlink():
+            from uce_cli.artifacts.imagefile import load_image
+
+            panels.append((f"{label}: {concept}", load_image(file, grids)))
     if not panels:
         return None
     width = max(im.width for _, im in panels)

@@ -27,6 +27,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(sha256 {str(report.get('recipe_sha256'))[:12]}), uce {report['versions'].get('uce')}. "
         "Every figure is defined in docs/metrics.md.",
         "",
+        *(f"> **Note:** {note}\n" for note in report.get("notices", [])),
         "| figure | value | meaning |",
         "| --- | ---: | --- |",
     ]
@@ -81,7 +82,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for note in text.get("notes", []):
             lines.append(f"\nNote: {note}")
     images = report.get("images")
-    if images:
+    if images and images.get("samples"):
         lines += ["", "## Images", ""]
         lines.append(f"{images['images']} images from `{images['samples']}`.")
         lines += ["", "| metric | model | settings |", "| --- | --- | --- |"]
