@@ -16,6 +16,7 @@ from uce_cli.errors import DataError, OutputError, UceError
 from uce_cli.judge.prompts import DEFAULT_HELDOUT_TEMPLATES, norm, read_prompt_set
 from uce_cli.judge.run import Run, check_same_base, open_run  # noqa: F401 - open_run: API
 from uce_cli.progress import NullProgress, Progress
+from uce_cli.safe_files import link_refusal
 
 EVAL_SCHEMA = 1
 EVAL_DIR = "eval"
@@ -209,16 +210,16 @@ def check_eval_folder(run_path: Path) -> Path:
         OutputError: eval/ is a file or a symlink, or eval/eval.json is not a regular file.
     """
     folder = Path(run_path) / EVAL_DIR
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise OutputError(
-            f"{folder}: not a folder (a file or a symlink) where uce keeps its eval report — "
-            "move it away"
-        )
+    if folder.is_symlink():
+        raise OutputError(link_refusal(folder, "folder"))
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: not a folder where uce keeps its eval report — move it away")
     report = folder / EVAL_JSON
-    if report.is_symlink() or (report.exists() and not report.is_file()):
+    if report.is_symlink():
+        raise OutputError(link_refusal(report))
+    if report.exists() and not report.is_file():
         raise OutputError(
-            f"{report}: not a regular file (a folder or a symlink) where uce writes its eval "
-            "report — move it away"
+            f"{report}: not a regular file where uce writes its eval report — move it away"
         )
     return folder
 
