@@ -23,8 +23,14 @@ Classifier = Callable[[list[Image.Image], list[str]], torch.Tensor]
 class ClipClassifier:
     """A CLIP model that scores images against text labels, loaded once and reused."""
 
-    def __init__(self, model_id: str, device: torch.device, batch_size: int = 50) -> None:
-        """Load the model, tokenizer and image processor.
+    def __init__(
+        self,
+        model_id: str,
+        device: torch.device,
+        batch_size: int = 50,
+        role: str = "debias_loop.classifier",
+    ) -> None:
+        """Load the model, tokenizer and image processor (``role``: the recipe field naming it).
 
         Raises:
             UceError: the model is not available (offline and not cached, or a bad folder) —
@@ -49,7 +55,7 @@ class ClipClassifier:
 
             if model_id != TINY_CLIP_NAME:
                 raise UceError(
-                    f"debias_loop.classifier: unknown builtin '{model_id}' — the builtin judge "
+                    f"{role}: unknown builtin '{model_id}' — the builtin judge "
                     f"is {TINY_CLIP_NAME} (random weights, for offline smoke runs)"
                 )
             source = str(ensure_tiny_clip(cache_dir()))
@@ -60,10 +66,10 @@ class ClipClassifier:
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UceError(
-                f"debias_loop.classifier: cannot load the CLIP classifier '{model_id}' ({first}) — "
-                f"`alphas: auto` needs it: fetch it once with `hf download {model_id}` (then it "
-                "loads offline from the Hugging Face cache), or set debias_loop.classifier to a "
-                "local folder holding a CLIPModel"
+                f"{role}: cannot load the CLIP classifier '{model_id}' ({first}) — "
+                f"{'`alphas: auto`' if role == 'debias_loop.classifier' else 'the metric'} needs "
+                f"it: fetch it once with `hf download {model_id}` (then it loads offline from the "
+                f"Hugging Face cache), or set {role} to a local folder holding a CLIPModel"
             ) from None
 
     @torch.inference_mode()
