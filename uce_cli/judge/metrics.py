@@ -100,8 +100,16 @@ def attribute_deviation_metric(
     """
     import torch
 
+    from PIL import Image
+
     from uce_cli.judge.classify import ClipClassifier, label_ratios
-    from uce_cli.judge.images import _open
+
+    def _open(paths: list[Any]) -> list[Any]:
+        images = []
+        for path in paths:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        return images
 
     labels = debias_labels(plan)
     by_concept: dict[str, list[Any]] = {}
