@@ -68,19 +68,27 @@ def debias_labels(plan: Any) -> dict[str, tuple[list[str], list[str], list[float
 
     The labels are the ones the debias loop classifies the bare concept's images against: its
     pair's attribute prompts (``doctor`` → ``male``, ``female``); a concept whose templates leave
-    out the bare form takes its first pair's.
+    out the bare form takes its first pair's. The desired shares are the recipe's (uniform for a
+    plain attribute list).
     """
+    recipe = getattr(plan, "recipe", None)
+    groups = (recipe.get("debias") if isinstance(recipe, dict) else None) or []
     out: dict[str, tuple[list[str], list[str], list[float]]] = {}
     for pair in plan.pairs:
         if not pair.section.startswith("debias"):
             continue
         key = norm(pair.concept)
-        if key not in out or pair.source == pair.concept:
-            out[key] = (
-                list(pair.attributes),
-                [t for t, _ in pair.targets[1:]],
-                list(pair.desired),
+        desired = list(pair.desired)  # set for `alphas: auto`; else the recipe's attributes
+        index = pair.section.split(".")[-1]
+        if not desired and index.isdigit() and int(index) < len(groups):
+            given = groups[int(index)].get("attributes") or []
+            desired = (
+                [float(v) for v in given.values()]
+                if isinstance(given, dict)
+                else [1.0 / len(given)] * len(given)
             )
+        if key not in out or pair.source == pair.concept:
+            out[key] = (list(pair.attributes), [t for t, _ in pair.targets[1:]], desired)
     return out
 
 
