@@ -198,8 +198,8 @@ def _set_expect(run: Path, rows: list[tuple[str, float, float]]) -> None:
 
 def test_published_style_recipe_on_tiny_sd_check_passes_and_fails(
     tmp_path: Path,
-    tiny_clip: Path,
-    tiny_resnet: Path,
+    tiny_clip: Path,  # noqa: F811
+    tiny_resnet: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     import uce_cli.judge.images as images_module
@@ -268,7 +268,7 @@ def test_published_style_recipe_on_tiny_sd_check_passes_and_fails(
 
 def test_check_names_a_figure_that_could_not_be_computed(
     tmp_path: Path,
-    tiny_clip: Path,
+    tiny_clip: Path,  # noqa: F811
     tiny_resnet: Path,  # noqa: F811
 ) -> None:
     run = _published_style(tmp_path / "r", tiny_clip, tiny_resnet)

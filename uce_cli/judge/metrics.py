@@ -107,7 +107,6 @@ def attribute_deviation_metric(
         DataError: no image of the prompt set phrases a debiased concept of the edit.
     """
     import torch
-
     from PIL import Image
 
     from uce_cli.judge.classify import ClipClassifier, label_ratios
