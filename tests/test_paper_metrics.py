@@ -283,3 +283,39 @@ def test_check_names_a_figure_that_could_not_be_computed(
         in line
     )
     assert "imagenet_top1_erased" in result.stdout and "not computed" in result.stdout
+
+
+def test_compare_runs_of_one_family_table_json_and_plot(tmp_path: Path) -> None:
+    """Two erase runs (1 and 3 concepts) with an expectation each: one table, the paper beside."""
+    runs = []
+    for n, concepts in ((3, "[tench, church, golf ball]"), (1, "[tench]")):
+        body = f"""erase:
+  - concepts: {concepts}
+    templates: object
+    guide: ""
+evaluate:
+  expect:
+    - {{metric: efficacy, value: 0.5, tolerance: 0.5, source: "test table, {n} erased, efficacy"}}
+    - {{metric: drift_unrelated, value: 0.0, tolerance: 1.0, source: "test table, {n}, drift"}}
+"""
+        run = apply_recipe("builtin:tiny-sd", tmp_path / f"r{n}", body=body)
+        assert runner.invoke(app, ["eval", str(run), "-q", "--no-plots"]).exit_code == 0
+        runs.append(run)
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", *map(str, runs), "--out", str(out), "-q", "--json"])
+    assert result.exit_code == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert [r["erased"] for r in table["runs"]] == [1, 3]  # sorted by the number erased
+    assert table["expected_figures"] == ["efficacy", "drift_unrelated"]
+    for row, run in zip(table["runs"], runs[::-1], strict=True):
+        report = json.loads((run / "eval" / "eval.json").read_text())
+        assert row["figures"]["efficacy"] == report["figures"]["efficacy"]
+        assert row["paper"]["efficacy"] == 0.5
+    md = (out / "compare.md").read_text()
+    assert "(0.5000 ± 0.5000)" in md and "![compare.png](compare.png)" in md
+    assert (out / "compare.png").stat().st_size > 0
+    assert json.loads((out / "compare.json").read_text())["runs"][1]["erased"] == 3
+    again = runner.invoke(app, ["compare", *map(str, runs), "--out", str(out)])
+    assert again.exit_code == 1 and "--force" in again.stderr
+    one = runner.invoke(app, ["compare", str(runs[0])])
+    assert one.exit_code == 1 and "two or more runs" in one.stderr
