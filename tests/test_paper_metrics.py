@@ -319,3 +319,23 @@ evaluate:
     assert again.exit_code == 1 and "--force" in again.stderr
     one = runner.invoke(app, ["compare", str(runs[0])])
     assert one.exit_code == 1 and "two or more runs" in one.stderr
+
+
+def test_eval_md_shows_paper_measured_tolerance_source_ok_and_why_not() -> None:
+    from uce_cli.judge.report import expect_markdown
+
+    rows = [
+        {"metric": "clip_score", "expected": 31.26, "tolerance": 0.5, "measured": 30.1,
+         "source": "UCE paper (WACV 2024), Table 4, UCE, CLIP", "ok": False, "reason": None},
+        {"metric": "fid", "expected": 14.84, "tolerance": 1.5, "measured": None,
+         "source": "UCE paper (WACV 2024), Table 4, UCE, FID-real", "ok": False,
+         "reason": "metric fid was not computed in this report"},
+    ]  # fmt: skip
+    lines = expect_markdown(rows)
+    assert lines[0] == "| figure | paper | measured | ± | source | ok |"
+    assert lines[2] == (
+        "| `clip_score` | 31.2600 | 30.1000 | 0.5000 | UCE paper (WACV 2024), Table 4, UCE, CLIP "
+        "| **NO** |"
+    )
+    assert "| `fid` | 14.8400 | not computed |" in lines[3]
+    assert lines[-1].endswith("`fid`: metric fid was not computed in this report")
