@@ -48,7 +48,7 @@ TINY_LOOP = {
 OFFLINE_METRICS = ("clip_score", "clip_accuracy", "imagenet_top1", "nudenet", "attribute_deviation")
 TINY_IMAGES = {"steps": 2, "images_per_prompt": 1}
 TINY_JUDGES = {"clip_model": "builtin:tiny-clip", "imagenet_model": "builtin:tiny-resnet"}
-IMAGE_LIMIT = "2"  # prompts per image set
+IMAGE_LIMIT = "2"  # prompts per image set (one per concept where rows name concepts)
 
 
 def _tiny_evaluate(evaluate: dict, folder: Path) -> bool:
@@ -68,6 +68,8 @@ def _tiny_evaluate(evaluate: dict, folder: Path) -> bool:
         if not spec["prompts"]["file"].startswith("upstream:"):
             spec["prompts"]["file"] = str((folder / spec["prompts"]["file"]).resolve())
         spec.update(TINY_IMAGES)
+        if spec["prompts"].get("concept_column"):  # one row per concept: the first rows differ
+            spec["prompts"]["limit"] = 1
         spec.pop("reference", None)
         part["metrics"] = [m for m in part.get("metrics", []) if m in OFFLINE_METRICS]
         kept |= {f for m in part["metrics"] for f in METRIC_FIGURES[m]}

@@ -40,7 +40,7 @@ def missing_reason(report: dict[str, Any], figure: str) -> str:
 
 def failure_line(row: dict[str, Any]) -> str:
     """One failed expectation as ``--check`` names it."""
-    paper = f"paper {row['expected']:g} ± {row['tolerance']:g}, {row['source']}"
+    paper = f"expected {row['expected']:g} ± {row['tolerance']:g}, {row['source']}"
     if row.get("measured") is None:
         reason = row.get("reason") or "not computed"
         return f"{row['metric']} could not be computed ({reason}; {paper})"
