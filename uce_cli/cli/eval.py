@@ -135,7 +135,7 @@ def eval_(
         if not ranks.main:
             return
         report = build_report(opened, text, image_part)
-        if image_part:
+        if image_part and (existing is None or force):  # else write_report refuses
             from uce_cli.judge.plots import copy_concept_grids
 
             report["grids"] = copy_concept_grids(opened.path / EVAL_DIR, report)
