@@ -1,11 +1,12 @@
 """CI: every published recipe validates, dry-runs, applies on the tiny model and gets a report.
 
 For each recipes/published/*.yaml: `uce validate`, `uce apply --dry-run --model builtin:tiny-sd`,
-`uce apply --model builtin:tiny-sd`, `uce eval --images --limit 2` (text side, plots, and the image
+`uce apply --model builtin:tiny-sd`, `uce eval --images --limit N` (text side, plots, and the image
 metrics that run offline). Each recipe is applied as a copy for the tiny model: with `alphas: auto`
 (Algorithm 1) its `debias_loop` uses the builtin tiny CLIP judge and a one-iteration, two-image,
 two-step loop (the published loop would sample 9,250 images a round); its image sets draw two
-prompts at two steps and are judged by the builtin tiny CLIP and ResNet (random weights: the
+prompts (ten with imagenet_top1: one per ImageNette class, so the erased class is scored) at two
+steps and are judged by the builtin tiny CLIP and ResNet (random weights: the
 figures exercise the code path, not the paper's numbers); LPIPS and FID are left out (their
 backbones need torchvision, which the CPU machines cannot import). The paper's expectations stay
 in the report (paper vs measured) but are not checked: a tiny-model figure has no published value.
@@ -48,11 +49,12 @@ TINY_LOOP = {
 OFFLINE_METRICS = ("clip_score", "clip_accuracy", "imagenet_top1", "nudenet", "attribute_deviation")
 TINY_IMAGES = {"steps": 2, "images_per_prompt": 1}
 TINY_JUDGES = {"clip_model": "builtin:tiny-clip", "imagenet_model": "builtin:tiny-resnet"}
-IMAGE_LIMIT = "2"  # prompts per image set (one per concept where rows name concepts)
+IMAGE_LIMIT = 2  # prompts per image set (one per concept where rows name concepts)
+CLASSES_LIMIT = 10  # with imagenet_top1: one prompt of each ImageNette class, the erased one too
 
 
-def _tiny_evaluate(evaluate: dict, folder: Path) -> bool:
-    """Shrink ``evaluate`` in place for the tiny model; True when image metrics remain."""
+def _tiny_evaluate(evaluate: dict, folder: Path) -> int:
+    """Shrink ``evaluate`` in place for the tiny model; the prompts per set to draw (0: none)."""
     from uce_cli.edit.evalspec import IMAGE_FIGURES, METRIC_FIGURES
 
     sets = [evaluate] if evaluate.get("images") else []
@@ -82,12 +84,14 @@ def _tiny_evaluate(evaluate: dict, folder: Path) -> bool:
         if e["metric"] not in IMAGE_FIGURES or e["metric"] in kept
     ]
     evaluate.update(TINY_JUDGES)
-    return bool(kept)
+    if not kept:
+        return 0
+    return CLASSES_LIMIT if "imagenet_top1" in kept else IMAGE_LIMIT
 
 
-def tiny_copy(recipe: Path, work: Path) -> tuple[Path, bool]:
+def tiny_copy(recipe: Path, work: Path) -> tuple[Path, int]:
     """A copy of the recipe in ``work`` for the tiny model (loop and image sets shrunk, see the
-    module docstring), and whether it has image metrics to compute."""
+    module docstring), and the prompts per image set to draw (0: no image metric)."""
     data = yaml.safe_load(recipe.read_text())
     if any(group.get("alphas") == "auto" for group in data.get("debias", [])):
         data["debias_loop"] = {**data.get("debias_loop", {}), **TINY_LOOP}
@@ -110,7 +114,7 @@ def run_recipe(recipe: Path, args: argparse.Namespace) -> dict:
     out = args.work / recipe.stem
     t0 = time.perf_counter()
     applied, images = tiny_copy(recipe, args.work)
-    image_args = ["--images", "--limit", IMAGE_LIMIT] if images else []
+    image_args = ["--images", "--limit", str(images)] if images else []
     steps = [
         ("validate", ["validate", str(recipe)]),
         ("dry-run", ["apply", str(recipe), "--dry-run", "--model", "builtin:tiny-sd"]),
