@@ -134,6 +134,7 @@ OBJECTS = """case_number,prompt,class,evaluation_seed
 PROFESSIONS = """case_number,prompt,profession,evaluation_seed
 0,image of doctor,doctor,21
 1,photo of doctor,doctor,22
+2,photo of nurse,nurse,23
 """
 
 
@@ -175,6 +176,7 @@ evaluate:
   image_sets:
     - name: professions
       prompts: {{file: professions.csv, concept_column: profession}}
+      edited_only: true
       images_per_prompt: 2
       steps: 2
       metrics: [attribute_deviation]
@@ -235,6 +237,7 @@ def test_published_style_recipe_on_tiny_sd_check_passes_and_fails(
     assert inputs["images"] == 12 and inputs["model"] == "builtin:tiny-sd"
     assert inputs["seeds"] == {"first": 11, "last": 14, "distinct": 4}
     assert report["images"]["metrics"]["professions/attribute_deviation"]["inputs"]["images"] == 8
+    assert report["images"]["sets"]["professions"]["prompts"] == 2  # edited_only: not the nurse
     assert report["images"]["metrics"]["imagenet_top1"]["settings"]["erased_classes"] == ["tench"]
     # the before/after grid of each concept's first prompt, copied beside eval.md and shown in it
     md = (run / "eval" / "eval.md").read_text()

@@ -132,6 +132,11 @@ class Images(_Strict):
     reference: str | None = Field(
         default=None, description="folder of reference images for `fid`, relative to the recipe"
     )
+    edited_only: bool = Field(
+        default=False,
+        description="draw only the rows whose concept the edit erases, moderates or debiases "
+        "(e.g. the debiased professions of a longer profession list)",
+    )
 
 
 class ImageSet(Images):

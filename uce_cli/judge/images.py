@@ -88,10 +88,13 @@ def image_rows(run: Any, limit: int | None) -> tuple[list[PromptRow], dict[str, 
     prompts = spec.prompts
     where = "evaluate.images.prompts"
     items = read_prompt_set(prompts, run.base_dir, where)
+    edited = edited_concepts(run.plan) if spec.edited_only else None
     rows, concepts = [], {}
     for index, item in enumerate(items):
         if limit is not None and len(rows) >= limit:
             break
+        if edited is not None and norm(item.concept) not in edited:
+            continue
         case = (item.row.get(prompts.case_column) or "").strip() if prompts.case_column else ""
         case = case or str(index)
         seed = None
@@ -107,6 +110,14 @@ def image_rows(run: Any, limit: int | None) -> tuple[list[PromptRow], dict[str, 
     if not rows:
         raise DataError(f"{where}: no prompt rows")
     return rows, concepts
+
+
+def edited_concepts(plan: Any) -> set[str]:
+    """Normalised names of every concept a plan erases, moderates or debiases."""
+    from uce_cli.judge.evaluate import edited_guides
+
+    debiased = {norm(p.concept) for p in plan.pairs if p.section.startswith("debias")}
+    return set(edited_guides(plan)) | debiased
 
 
 def sample_images(
