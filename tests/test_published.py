@@ -115,4 +115,41 @@ def test_published_recipe_applies_on_the_tiny_model_and_gets_a_text_report(tmp_p
     assert report["text"]["counts"]["heldout_prompts"] == 200  # I2P "sexual" rows, limit 200
     assert report["text"]["counts"]["unrelated_prompts"] == 200  # COCO captions, limit 200
     assert 0 < report["figures"]["efficacy"] <= 1
-    assert report["expect"] == []  # the paper's figures are not set (see the recipe's header)
+    # the paper's figures are image figures: a text-only report names each as not computed
+    assert [r["metric"] for r in report["expect"]][:2] == ["nudenet_reduction", "fid"]
+    assert all(r["measured"] is None and not r["ok"] for r in report["expect"])
+    assert all("has no images" in r["reason"] for r in report["expect"])
+
+
+@pytest.mark.parametrize("path", PUBLISHED, ids=[p.stem for p in PUBLISHED])
+def test_published_recipe_carries_the_papers_figures_or_says_why_not(path: Path) -> None:
+    """Each expectation cites the paper's table/text with row and column; the tolerance rule is
+    in the opening comment; a recipe without expectations says why none applies."""
+    header = path.read_text().split("\nmodel:")[0]
+    expect = load_recipe(path).evaluate.expect
+    if not expect:
+        assert "# Expected figures: none —" in header
+        return
+    assert "Tolerances: base × √(N_paper / N_run)" in header and "docs/metrics.md" in header
+    for item in expect:
+        assert item.source.startswith("UCE paper (WACV 2024), "), item.source
+        assert item.source.count(",") >= 2  # table or text, row, column
+        assert item.tolerance > 0
+
+
+def test_published_expectations_are_the_papers_numbers() -> None:
+    """Spot checks against ../shared/reference/uce-paper-figures.md (Tables 1, 2, 3, 4, D.1)."""
+
+    def value(stem: str, metric: str) -> float:
+        items = load_recipe(REPO / "recipes" / "published" / f"{stem}.yaml").evaluate.expect
+        return next(i.value for i in items if i.metric == metric)
+
+    assert value("erase-artists-100", "clip_score") == 30.08
+    assert value("erase-artists-1000", "fid") == 85.48
+    assert value("erase-imagenette-church", "imagenet_top1_erased") == pytest.approx(0.084)
+    assert value("erase-imagenette-garbage-truck", "imagenet_top1_others_base") == pytest.approx(
+        0.774
+    )
+    assert value("debias-gender-professions", "attribute_deviation") == 0.22
+    assert value("moderate-nudity-sd14", "fid_base") == 1.82
+    assert value("unified-edit", "attribute_deviation") == 0.27

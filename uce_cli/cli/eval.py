@@ -31,15 +31,15 @@ def expect_table(rows: list[dict]) -> Table:
     """Expected against measured figures."""
     from uce_cli.judge.report import fmt
 
-    table = Table(title="expect")
-    for column in ("figure", "expected", "±", "measured", "source", "ok"):
+    table = Table(title="expect: paper vs measured")
+    for column in ("figure", "paper", "measured", "±", "source", "ok"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             row["metric"],
             fmt(row["expected"]),
+            fmt(row["measured"]) if row["measured"] is not None else "not computed",
             fmt(row["tolerance"]),
-            fmt(row["measured"]),
             row["source"],
             "yes" if row["ok"] else "NO",
         )
@@ -147,9 +147,9 @@ def eval_(
             text = evaluate_text(opened, getattr(device, "value", device), batch_size, progress)
             image_part = None
             if images or samples is not None:
-                from uce_cli.judge.images import evaluate_images
+                from uce_cli.judge.imagesets import evaluate_image_sets
 
-                image_part = evaluate_images(
+                image_part = evaluate_image_sets(
                     opened,
                     samples,
                     limit,
@@ -161,6 +161,10 @@ def eval_(
         if not ranks.main:
             return
         report = build_report(opened, text, image_part)
+        if image_part and (existing is None or force):  # else write_report refuses
+            from uce_cli.judge.plots import copy_concept_grids
+
+            report["grids"] = copy_concept_grids(opened.path / EVAL_DIR, report)
         if plots:
             from uce_cli.judge.plots import write_plots
 
@@ -179,9 +183,12 @@ def eval_(
         if not report["expect"]:
             err.print("no expect: entries in the recipe — nothing to check (--allow-empty)")
         if failed:
-            names = "; ".join(
-                f"{r['metric']} = {'missing' if r['measured'] is None else format(r['measured'], '.4g')}"
-                f" (expected {r['expected']:g} ± {r['tolerance']:g}, {r['source']})"
-                for r in failed
+            from uce_cli.judge.expectations import failure_line
+
+            missing = sum(r["measured"] is None for r in failed)
+            what = (
+                f"{len(failed)} figure(s) out of tolerance"
+                if not missing
+                else (f"{len(failed) - missing} figure(s) out of tolerance, {missing} not computed")
             )
-            raise UceError(f"{len(failed)} figure(s) out of tolerance: {names}")
+            raise UceError(f"{what}: {'; '.join(failure_line(r) for r in failed)}")

@@ -30,18 +30,47 @@ IMAGE_FIGURES: dict[str, str] = {
     "nudenet_exposed": "NudeNet exposed-class detections over the edited images",
     "nudenet_exposed_base": "the same over the base images",
     "lpips": "mean LPIPS between base and edited images of the same prompt and seed",
-    "fid": "FID of the edited images against a reference folder",
+    "fid": "FID of the edited images against a reference folder (the paper's FID-real)",
+    # The paper's own figures (docs/metrics.md, "The paper's figures"):
+    "attribute_deviation": "Δ = |p_desired − p_actual| / p_desired per debiased concept, mean "
+    "over concepts (Table 3's WinoBias row)",
+    "attribute_deviation_base": "the same for base images",
+    "imagenet_top1_erased": "ImageNet top-1 on the prompts of the recipe's erased classes",
+    "imagenet_top1_erased_base": "the same for base images (Table 2, erased: SD)",
+    "imagenet_top1_others": "ImageNet top-1 on the prompts of every other class of the set",
+    "imagenet_top1_others_base": "the same for base images (Table 2, others: SD)",
+    "nudenet_reduction": "1 − nudenet_exposed / nudenet_exposed_base (same prompts and seeds)",
+    "fid_base": "FID of the edited images against the base model's images of the same prompts "
+    "(the paper's FID-SD)",
 }
 FIGURES: dict[str, str] = {**TEXT_FIGURES, **IMAGE_FIGURES}
 # Image metrics a recipe can ask for; each yields the figures that start with its name.
-Metric = Literal["clip_score", "clip_accuracy", "imagenet_top1", "nudenet", "lpips", "fid"]
+Metric = Literal[
+    "clip_score",
+    "clip_accuracy",
+    "imagenet_top1",
+    "nudenet",
+    "lpips",
+    "fid",
+    "fid_base",
+    "attribute_deviation",
+]
 METRIC_FIGURES: dict[str, tuple[str, ...]] = {
     "clip_score": ("clip_score", "clip_score_base"),
     "clip_accuracy": ("clip_accuracy", "clip_accuracy_base"),
-    "imagenet_top1": ("imagenet_top1", "imagenet_top1_base"),
-    "nudenet": ("nudenet_exposed", "nudenet_exposed_base"),
+    "imagenet_top1": (
+        "imagenet_top1",
+        "imagenet_top1_base",
+        "imagenet_top1_erased",
+        "imagenet_top1_erased_base",
+        "imagenet_top1_others",
+        "imagenet_top1_others_base",
+    ),
+    "nudenet": ("nudenet_exposed", "nudenet_exposed_base", "nudenet_reduction"),
     "lpips": ("lpips",),
     "fid": ("fid",),
+    "fid_base": ("fid_base",),
+    "attribute_deviation": ("attribute_deviation", "attribute_deviation_base"),
 }
 
 
@@ -103,6 +132,21 @@ class Images(_Strict):
     reference: str | None = Field(
         default=None, description="folder of reference images for `fid`, relative to the recipe"
     )
+    edited_only: bool = Field(
+        default=False,
+        description="draw only the rows whose concept the edit erases, moderates or debiases "
+        "(e.g. the debiased professions of a longer profession list)",
+    )
+
+
+class ImageSet(Images):
+    """A further prompt set with its own metrics (e.g. COCO fidelity beside the I2P nudity counts)."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="short name; its images go to RUN/eval/samples-NAME",
+    )
+    metrics: list[Metric] = Field(min_length=1, description="image metrics on this set")
 
 
 class Expect(_Strict):
@@ -143,6 +187,11 @@ class Evaluate(_Strict):
     )
     images: Images | None = None
     metrics: list[Metric] = Field(default_factory=list, description="image-level metrics")
+    image_sets: list[ImageSet] = Field(
+        default_factory=list,
+        description="further prompt sets, each with its own metrics (a metric is computed on one "
+        "set only)",
+    )
     clip_model: str = Field(
         default="openai/clip-vit-base-patch32",
         description="CLIP model for clip_score/clip_accuracy (the upstream eval scripts' model)",
@@ -161,7 +210,21 @@ class Evaluate(_Strict):
             raise ValueError("image metrics need `images:` (the prompt set uce sample draws)")
         if "fid" in self.metrics and (self.images is None or self.images.reference is None):
             raise ValueError("`fid` needs images.reference: a folder of reference images")
-        asked = {f for m in self.metrics for f in METRIC_FIGURES[m]}
+        seen: dict[str, str] = {m: "metrics" for m in self.metrics}
+        for i, extra in enumerate(self.image_sets):
+            if "fid" in extra.metrics and extra.reference is None:
+                raise ValueError(f"image_sets.{i}: `fid` needs reference: a folder of images")
+            for m in extra.metrics:
+                if m in seen:
+                    raise ValueError(
+                        f"image_sets.{i}: metric `{m}` is already computed on {seen[m]} — a "
+                        "figure comes from one prompt set"
+                    )
+                seen[m] = f"image_sets.{i}"
+        names = [extra.name for extra in self.image_sets]
+        if len(set(names)) < len(names):
+            raise ValueError("image_sets: two sets share a name")
+        asked = {f for m in seen for f in METRIC_FIGURES[m]}
         for i, item in enumerate(self.expect):
             if item.metric in IMAGE_FIGURES and item.metric not in asked:
                 metric = next(m for m, fs in METRIC_FIGURES.items() if item.metric in fs)

@@ -46,18 +46,20 @@ def judge_source(
     from pathlib import Path
 
     from uce_cli.weights.tiny import TINY_CLIP_NAME
+    from uce_cli.weights.tiny_judges import TINY_RESNET_NAME
 
     options: dict[str, object] = {} if allow_pickle else {"use_safetensors": True}
     if model_id.startswith("builtin:"):
-        if model_id != TINY_CLIP_NAME or not clip:
+        known = TINY_CLIP_NAME if clip else TINY_RESNET_NAME
+        if model_id != known:
             raise UceError(
-                f"{field}: unknown builtin '{model_id}' — the builtin judge is {TINY_CLIP_NAME} "
-                "(a CLIP model with random weights, for offline smoke runs)"
+                f"{field}: unknown builtin '{model_id}' — the builtin judge here is {known} "
+                "(random weights, for offline smoke runs)"
             )
         from uce_cli.paths import cache_dir
-        from uce_cli.weights.tiny import ensure_tiny_clip
+        from uce_cli.weights.tiny_judges import builtin_judge_folder
 
-        return str(ensure_tiny_clip(cache_dir())), options
+        return str(builtin_judge_folder(model_id, cache_dir())), options
     folder = Path(model_id).expanduser()
     if not folder.is_dir():
         return model_id, options  # a hub id

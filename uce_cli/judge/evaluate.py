@@ -163,6 +163,8 @@ def flat_figures(report: dict[str, Any]) -> dict[str, float | None]:
 
 def check_expectations(report: dict[str, Any], expect: list[Expect]) -> list[dict[str, Any]]:
     """Compare measured figures with ``expect:``; one row per expectation with ``ok``."""
+    from uce_cli.judge.expectations import missing_reason
+
     figures = flat_figures(report)
     rows = []
     for item in expect:
@@ -176,6 +178,7 @@ def check_expectations(report: dict[str, Any], expect: list[Expect]) -> list[dic
                 "measured": measured,
                 "source": item.source,
                 "ok": ok,
+                "reason": None if measured is not None else missing_reason(report, item.metric),
             }
         )
     return rows

@@ -101,10 +101,13 @@ def image_rows(run: Any, limit: int | None) -> tuple[list[PromptRow], dict[str, 
     prompts = spec.prompts
     where = "evaluate.images.prompts"
     items = read_prompt_set(prompts, run.base_dir, where)
+    edited = edited_concepts(run.plan) if spec.edited_only else None
     rows, concepts = [], {}
     for index, item in enumerate(items):
         if limit is not None and len(rows) >= limit:
             break
+        if edited is not None and norm(item.concept) not in edited:
+            continue
         case = (item.row.get(prompts.case_column) or "").strip() if prompts.case_column else ""
         case = case or str(index)
         seed = None
@@ -122,6 +125,14 @@ def image_rows(run: Any, limit: int | None) -> tuple[list[PromptRow], dict[str, 
     return rows, concepts
 
 
+def edited_concepts(plan: Any) -> set[str]:
+    """Normalised names of every concept a plan erases, moderates or debiases."""
+    from uce_cli.judge.evaluate import edited_guides
+
+    debiased = {norm(p.concept) for p in plan.pairs if p.section.startswith("debias")}
+    return set(edited_guides(plan)) | debiased
+
+
 def sample_images(
     run: Any,
     rows: list[PromptRow],
@@ -129,6 +140,7 @@ def sample_images(
     device: str,
     progress: Progress,
     ranks: Ranks | None = None,
+    draw_into: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Draw (or resume) the images with ``uce sample``, or check an existing sample folder."""
     from uce_cli.commands.sample import MANIFEST_FILE, SampleOptions, run_sample
@@ -153,7 +165,9 @@ def sample_images(
             if delta.is_file()
             else run.path.with_name(f"{run.path.name}-samples")
         )
-        if delta.is_file():
+        if draw_into is not None:
+            folder = draw_into
+        if delta.is_file() or draw_into is not None:
             create_dir(folder, run.path)  # not through a link planted in the run (safe_files)
         run_sample(rows, folder, run.base_spec, edit, True, options, progress, ranks)
     else:
@@ -317,8 +331,11 @@ def imagenet_top1(
     device: torch.device,
     ranks: Ranks | None = None,
     allow_pickle: bool = False,
+    erased: set[str] | None = None,
 ) -> dict:
-    """imagenet_top1(_base): top-1 label names (comma-separated synonyms) against the concept."""
+    """imagenet_top1(_base): top-1 label names (comma-separated synonyms) against the concept;
+    with ``erased`` (normalised names of the recipe's erased classes) also Table 2's two columns,
+    ``imagenet_top1_erased`` and ``imagenet_top1_others`` (and ``_base``)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     model = _from_pretrained(
@@ -346,12 +363,25 @@ def imagenet_top1(
         return values
 
     per_pair = _across_ranks(pairs, ranks or Ranks(), score)
-    figures = {
+    figures: dict[str, float | None] = {
         "imagenet_top1" + ("" if role == "edited" else "_base"): sum(v[role] for v in per_pair)
         / len(pairs)
         for role in ("edited", "base")
     }
-    return {"figures": figures, "model": model_id, "settings": {"top": 1}}
+    settings: dict[str, Any] = {"top": 1}
+    if erased is not None:
+        from uce_cli.judge.metrics import split_top1
+
+        for role in ("edited", "base"):
+            suffix = "" if role == "edited" else "_base"
+            split = split_top1(
+                [(p.concept, v[role]) for p, v in zip(pairs, per_pair, strict=True)], erased
+            )
+            figures[f"imagenet_top1_erased{suffix}"] = split["erased"]
+            figures[f"imagenet_top1_others{suffix}"] = split["others"]
+        settings["erased_classes"] = sorted(erased)
+        settings["split"] = "mean over classes of per-class top-1 (Table 2's average)"
+    return {"figures": figures, "model": model_id, "settings": settings}
 
 
 def nudenet_counts(pairs: list[ImagePair], threshold: float, ranks: Ranks | None = None) -> dict:
@@ -384,10 +414,20 @@ def nudenet_counts(pairs: list[ImagePair], threshold: float, ranks: Ranks | None
             sum(counts.values())
         )
         classes[role] = dict(sorted(counts.items()))
+    from uce_cli.judge.metrics import class_reductions, reduction
+
+    figures["nudenet_reduction"] = reduction(
+        figures["nudenet_exposed"], figures["nudenet_exposed_base"]
+    )
     return {
         "figures": figures,
         "model": "NudeNet NudeDetector (bundled 320n.onnx)",
-        "settings": {"threshold": threshold, "classes": classes, "counted": "*_EXPOSED"},
+        "settings": {
+            "threshold": threshold,
+            "classes": classes,
+            "counted": "*_EXPOSED",
+            "reduction_per_class": class_reductions(classes),
+        },
     }
 
 
@@ -502,17 +542,23 @@ def reference_images(reference: Path) -> list[Path]:
 
 
 def fid_score(
-    pairs: list[ImagePair], reference: Path, device: torch.device, ranks: Ranks | None = None
+    pairs: list[ImagePair],
+    reference: Path | None,
+    device: torch.device,
+    ranks: Ranks | None = None,
+    against_base: bool = False,
+    extractor: Callable[[list[Path]], torch.Tensor] | None = None,
 ) -> dict:
-    """fid: FID between the edited images and a reference folder.
+    """fid: FID between the edited images and a reference folder (the paper's FID-real); with
+    ``against_base``, fid_base: against the base model's images of the same prompts (FID-SD).
 
     Each rank extracts the Inception features of its share of the edited and reference images;
     the features (not the images) are gathered in the one-process order and rank 0's figure is the
     one every rank reports.
     """
     ranks = ranks or Ranks()
-    refs = reference_images(reference)
-    features = _fid_extractor(device)
+    refs = [p.base for p in pairs] if against_base else reference_images(Path(str(reference)))
+    features = extractor or _fid_extractor(device)
 
     def rows(share: list[Path]) -> list[torch.Tensor]:
         return list(features(share).float()) if share else []  # float32 on the wire
@@ -520,11 +566,14 @@ def fid_score(
     edited = _across_ranks([p.edited for p in pairs], ranks, rows)
     real = _across_ranks(refs, ranks, rows)
     fid = frechet_distance(torch.stack(edited), torch.stack(real)) if ranks.main else None
+    name = "fid_base" if against_base else "fid"
     return {
-        "figures": {"fid": ranks.broadcast(fid)},
+        "figures": {name: ranks.broadcast(fid)},
         "model": f"torch-fidelity {FID_EXTRACTOR}, {FID_FEATURES}-d pool features",
         "settings": {
-            "reference": str(reference),
+            "reference": "the base model's images of the same prompts and seeds"
+            if against_base
+            else str(reference),
             "reference_images": len(refs),
             "edited_images": len(pairs),
             "gathered": "features across ranks (one-process order); statistics in float64",
@@ -540,12 +589,14 @@ def evaluate_images(
     progress: Progress | None = None,
     ranks: Ranks | None = None,
     allow_pickle: bool = False,
+    draw_into: Path | None = None,
 ) -> dict[str, Any]:
     """The image section of eval.json: draw or read the images, then every asked metric.
 
     A metric whose optional package is missing is skipped (``skipped``: metric → why), the
     others are computed. Under ``accelerate launch`` (``ranks``) every rank returns the same
-    section.
+    section. ``draw_into``: the folder to draw into instead of RUN/eval/samples (a further image
+    set's).
     """
     from uce_cli.families.model import pick_device
 
@@ -562,6 +613,7 @@ def evaluate_images(
         ("nudenet", "nudenet", EXTRA),
         ("lpips", "lpips", EXTRA_TORCHVISION),
         ("fid", "torch_fidelity", EXTRA_TORCHVISION),
+        ("fid_base", "torch_fidelity", EXTRA_TORCHVISION),
     ):
         if metric in spec.metrics:
             try:
@@ -578,8 +630,9 @@ def evaluate_images(
     if "fid" in wanted:
         reference_images(run.base_dir / (spec.images.reference or ""))
     rows, concepts = image_rows(run, limit)
-    folder, manifest = sample_images(run, rows, samples, device, progress, ranks)
+    folder, manifest = sample_images(run, rows, samples, device, progress, ranks, draw_into)
     pairs = image_pairs(rows, concepts, folder, manifest, run)
+    provenance = prompt_provenance(run, rows, pairs)
     torch_device = pick_device(device)
     if ranks.distributed and torch_device.type == "cuda":
         torch_device = ranks.state.device
@@ -597,11 +650,26 @@ def evaluate_images(
             )
         )
     if "imagenet_top1" in wanted:
+        # Table 2's "erased" classes are the recipe's erased/moderated concepts, not the file's
+        from uce_cli.judge.evaluate import edited_guides
+
+        erased = set(edited_guides(run.plan))
         jobs.append(
             (
                 "imagenet_top1",
                 lambda: imagenet_top1(
-                    pairs, spec.imagenet_model, torch_device, ranks, allow_pickle
+                    pairs, spec.imagenet_model, torch_device, ranks, allow_pickle, erased
+                ),
+            )
+        )
+    if "attribute_deviation" in wanted:
+        from uce_cli.judge.metrics import attribute_deviation_metric
+
+        jobs.append(
+            (
+                "attribute_deviation",
+                lambda: attribute_deviation_metric(
+                    pairs, run.plan, spec.clip_model, torch_device, allow_pickle=allow_pickle
                 ),
             )
         )
@@ -617,6 +685,8 @@ def evaluate_images(
                 lambda: fid_score(pairs, reference, torch_device, ranks),
             )
         )
+    if "fid_base" in spec.metrics:
+        jobs.append(("fid_base", lambda: fid_score(pairs, None, torch_device, ranks, True)))
     for name, job in jobs:
         progress.start(f"metric {name}")
         t0 = time.perf_counter()
@@ -628,6 +698,7 @@ def evaluate_images(
         result["versions"] = _versions(
             "torch", "transformers", "nudenet", "lpips", "torch-fidelity"
         )
+        result["inputs"] = provenance  # the prompt set, seeds and images it was computed from
         figures.update(result["figures"])
         metrics[name] = result
     from uce_cli.edit.prompts import file_stem
@@ -636,7 +707,9 @@ def evaluate_images(
     for pair in pairs:
         if pair.concept:
             cases.setdefault(norm(pair.concept), file_stem(pair.case))
+    first_cases = list(dict.fromkeys(file_stem(p.case) for p in pairs))[:4]
     return {
+        "first_cases": first_cases,
         "samples": str(folder),
         "cases": cases,
         "images": 2 * len(pairs),
@@ -645,4 +718,37 @@ def evaluate_images(
         "metrics": metrics,
         "sampling": manifest.get("settings", {}),
         "skipped": skipped,
+        "inputs": provenance,
+    }
+
+
+def prompt_provenance(run: Any, rows: list[PromptRow], pairs: list[ImagePair]) -> dict[str, Any]:
+    """What a figure was computed from: model, prompt set (file, rows, sha256), seeds, images."""
+    import hashlib
+
+    from uce_cli.judge.prompts import prompt_set_path
+
+    spec = run.evaluate.images
+    path = prompt_set_path(spec.prompts, run.base_dir)
+    try:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        sha = None
+    seeds = sorted({p.seed for p in pairs})
+    return {
+        "model": run.base_spec,
+        "edit": str(run.path),
+        "prompt_set": {
+            "file": spec.prompts.file,
+            "path": str(path),
+            "sha256": sha,
+            "rows": len(rows),
+            "where": dict(spec.prompts.where),
+            "limit": spec.prompts.limit,
+        },
+        "seeds": {"first": seeds[0], "last": seeds[-1], "distinct": len(seeds)} if seeds else {},
+        "images_per_prompt": spec.images_per_prompt,
+        "images": 2 * len(pairs),
+        "steps": spec.steps,
+        "guidance": spec.guidance,
     }

@@ -143,3 +143,37 @@ def _worst_best_grid(path: Path, report: dict[str, Any]) -> str | None:
     with open_new(path, path.parent) as f:
         canvas.save(f, format="PNG")
     return path.name
+
+
+GRIDS_DIR = "grids"
+MAX_GRIDS = 40
+
+
+def copy_concept_grids(folder: Path, report: dict[str, Any]) -> list[dict[str, str]]:
+    """Copy the `uce sample --compare` before/after grid of the first prompt of each concept (or,
+    for a set without concepts, of its first prompts) into ``folder/grids``, so eval.md shows
+    them and travels with them; return ``[{set, concept, path}]`` (paths relative to ``folder``)."""
+    import shutil
+
+    images = report.get("images")
+    if not images:
+        return []
+    sets = images.get("sets") or {"images": images}
+    out: list[dict[str, str]] = []
+    for name, section in sets.items():
+        grids = Path(section["samples"]) / "grids"
+        picks = list((section.get("cases") or {}).items()) or [
+            ("", case) for case in section.get("first_cases") or []
+        ]
+        for concept, case in picks[:MAX_GRIDS]:
+            source = grids / f"{case}.png"
+            if not source.is_file():
+                continue
+            rel = f"{GRIDS_DIR}/{'' if name == 'images' else name + '-'}{case}.png"
+            target = folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
+            out.append({"set": name, "concept": concept, "case": case, "path": rel})
+    return out

@@ -34,16 +34,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, value in report["figures"].items():
         lines.append(f"| `{name}` | {fmt(value)} | {FIGURES[name]} |")
     if report.get("expect"):
-        lines += ["", "## Expected (recipe `expect:`)", ""]
-        lines += [
-            "| figure | expected | ± | measured | source | ok |",
-            "| --- | ---: | ---: | ---: | --- | --- |",
-        ]
-        for row in report["expect"]:
-            lines.append(
-                f"| `{row['metric']}` | {fmt(row['expected'])} | {fmt(row['tolerance'])} | "
-                f"{fmt(row['measured'])} | {row['source']} | {'yes' if row['ok'] else '**no**'} |"
-            )
+        lines += ["", "## Paper vs measured (recipe `expect:`)", ""]
+        lines += expect_markdown(report["expect"])
     text = report.get("text")
     if text:
         lines += ["", "## Text side", ""]
@@ -89,10 +81,44 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, m in images["metrics"].items():
             settings = ", ".join(f"{k} {v}" for k, v in m.get("settings", {}).items())
             lines.append(f"| {name} | {m.get('model', '—')} | {settings} |")
+    lines += grids_markdown(report.get("grids") or [])
     plots = report.get("plots") or []
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def expect_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The expect: rows as a table: paper value, measured, tolerance, source, ok, and why not."""
+    lines = [
+        "| figure | paper | measured | ± | source | ok |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in rows:
+        measured = fmt(row["measured"]) if row["measured"] is not None else "not computed"
+        lines.append(
+            f"| `{row['metric']}` | {fmt(row['expected'])} | {measured} | "
+            f"{fmt(row['tolerance'])} | {row['source']} | {'yes' if row['ok'] else '**NO**'} |"
+        )
+    lines += [f"\n`{r['metric']}`: {r['reason']}" for r in rows if r.get("reason")]
+    return lines
+
+
+def grids_markdown(grids: list[dict[str, str]]) -> list[str]:
+    """The before/after grids (base left, edited right, as `uce sample --compare` draws them)."""
+    if not grids:
+        return []
+    lines = [
+        "",
+        "## Before / after",
+        "",
+        "Base and edited images of the same prompt and seeds (`uce sample --compare` grids, each labelled).",
+    ]
+    for g in grids:
+        label = g["concept"] or f"case {g['case']}"
+        where = "" if g["set"] == "images" else f" ({g['set']})"
+        lines += ["", f"**{label}**{where}", "", f"![{label}]({g['path']})"]
+    return lines
 
 
 def _key(value: float | None) -> float:
