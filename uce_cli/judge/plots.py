@@ -153,7 +153,7 @@ def copy_concept_grids(folder: Path, report: dict[str, Any]) -> list[dict[str, s
     """Copy the `uce sample --compare` before/after grid of the first prompt of each concept (or,
     for a set without concepts, of its first prompts) into ``folder/grids``, so eval.md shows
     them and travels with them; return ``[{set, concept, path}]`` (paths relative to ``folder``)."""
-    import shutil
+    from uce_cli.safe_files import copy_file
 
     images = report.get("images")
     if not images:
@@ -161,19 +161,17 @@ def copy_concept_grids(folder: Path, report: dict[str, Any]) -> list[dict[str, s
     sets = images.get("sets") or {"images": images}
     out: list[dict[str, str]] = []
     for name, section in sets.items():
+        if not section.get("samples"):  # nothing was drawn for this set (its metrics skipped)
+            continue
         grids = Path(section["samples"]) / "grids"
         picks = list((section.get("cases") or {}).items()) or [
             ("", case) for case in section.get("first_cases") or []
         ]
         for concept, case in picks[:MAX_GRIDS]:
             source = grids / f"{case}.png"
-            if not source.is_file():
+            if source.is_symlink() or not source.is_file():  # never copy through a link
                 continue
             rel = f"{GRIDS_DIR}/{'' if name == 'images' else name + '-'}{case}.png"
-            target = folder / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(source, tmp)
-            tmp.replace(target)
+            copy_file(source, folder / rel, folder.parent)  # RUN/eval/grids, never via a link
             out.append({"set": name, "concept": concept, "case": case, "path": rel})
     return out
