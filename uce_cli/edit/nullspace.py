@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from uce_cli.edit.recipe import DEFAULT_NULL_SPACE_THRESHOLD
 from uce_cli.edit.stats import EditStats
 from uce_cli.errors import SolveError
 
-DEFAULT_THRESHOLD = 1e-3  # τ: free directions have G_p eigenvalues below τ·λ_max(G_p)
+DEFAULT_THRESHOLD = DEFAULT_NULL_SPACE_THRESHOLD  # τ: free if eigenvalue < τ·λ_max(G_p)
 # Keep-exact directions: singular values of the (projected) keep-exact vectors above this fraction
 # of the largest are removed from the free space (float32 encoder resolution times d, as in
 # solve.operator_rank); what remains of them in the free space is below it.
