@@ -40,7 +40,6 @@ from uce_cli.edit import nullspace
 from uce_cli.edit.stats import DebiasBlock, EditStats
 from uce_cli.errors import ModelError, SolveError
 
-
 METHODS = ("least-squares", "null-space")
 
 
@@ -101,9 +100,7 @@ def check_scales(scales: Scales) -> None:
         if not math.isfinite(value):
             raise SolveError(f"{name} is {value} — solver scales must be finite numbers")
     if scales.method not in METHODS:
-        raise SolveError(
-            f"solver.method is {scales.method!r} — use one of: {', '.join(METHODS)}"
-        )
+        raise SolveError(f"solver.method is {scales.method!r} — use one of: {', '.join(METHODS)}")
     tau = scales.null_space_threshold
     if not (math.isfinite(tau) and 0 < tau <= 1):
         raise SolveError(
@@ -607,7 +604,10 @@ def solve_constrained(
                 w_old, v_star_c, stats, scales.erase_scale, space, chol
             )
             check_result(name, new[name], scales)
-            metrics[name] = {**per_layer_metrics(w_old, new[name], v_star_c, energy, stats), **extra}
+            metrics[name] = {
+                **per_layer_metrics(w_old, new[name], v_star_c, energy, stats),
+                **extra,
+            }
         return new, None, metrics
     with one_thread():
         k = nullspace.operator(stats, m, scales.erase_scale, space, chol)
