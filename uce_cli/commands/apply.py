@@ -558,10 +558,9 @@ def solver_record(
 ) -> dict[str, Any]:
     """The edit log's record of the newer solver options (nothing when none is used): method,
     threshold, kept rank per group (free directions of the update), auto-preserve's choices."""
-    options = plan.solver_options()
-    if not options:
-        return {}
     record: dict[str, Any] = {"method": plan.method}
+    if not plan.solver_options():
+        return record
     if plan.method == "null-space":
         record["null_space_threshold"] = plan.null_space_threshold
     if plan.keep_exact:

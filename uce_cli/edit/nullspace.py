@@ -79,16 +79,19 @@ def free_space(stats: EditStats, method: str, threshold: float) -> FreeSpace:
         keep_rank = int((s > s.max().clamp_min(1e-300) * KEEP_EXACT_TOL).sum()) if s.numel() else 0
         q = q @ u[:, keep_rank:]
     if q.shape[1] == 0:
-        why = (
-            f"null_space_threshold {threshold:g} leaves no direction of the preserve vectors' "
-            f"{d}-d space below it"
-            if preserve_rank == d
-            else f"the keep-exact vectors fix the last {keep_rank} free directions"
-        )
+        if preserve_rank == d:
+            why = (
+                f"null_space_threshold {threshold:g} leaves no direction of the preserve vectors' "
+                f"{d}-d space below it — raise solver.null_space_threshold or preserve fewer concepts"
+            )
+        else:
+            why = (
+                f"the keep-exact vectors fix the last {keep_rank} free directions — drop "
+                "solver.keep_exact"
+                + (" or raise solver.null_space_threshold" if method == "null-space" else "")
+            )
         raise NoFreeDirectionError(
-            f"the null-space solve has no free direction for the layers reading {d}-d embeddings: "
-            f"{why} — raise solver.null_space_threshold, preserve fewer concepts, or drop "
-            "solver.keep_exact"
+            f"the edit has no free direction for the layers reading {d}-d embeddings: {why}"
         )
     return FreeSpace(q.contiguous(), q.shape[1], preserve_rank, keep_rank, bound)
 
