@@ -360,13 +360,14 @@ def test_every_family_keeps_preserved_vectors(
     model = request.getfixturevalue(fixture)
     body = (
         "alignment: last-token\nerase:\n  - concepts: [Thomas Kinkade]\npreserve:\n"
-        "  - concepts: [Claude Monet, Rembrandt]\n" + NULL_SPACE + "output: {formats: [delta]}\n"
-    )
+        "  - concepts: [Claude Monet, Rembrandt]\n"
+        "solver: {method: null-space, null_space_threshold: 1e-6}\noutput: {formats: [delta]}\n"
+    )  # τ small: the tiny Gemma's two preserve vectors are nearly parallel (eigenvalue ratio < 1e-3)
     out = apply_recipe(model, tmp_path, body=body)
     log = json.loads((out / "edit_log.json").read_text())
     assert log["solver"]["method"] == "null-space"
     free = log["solver"]["free_space"]
-    assert free and all(g["kept_rank"] > 0 and g["fixed_by_preserve"] >= 1 for g in free.values())
+    assert free and all(g["kept_rank"] > 0 and g["fixed_by_preserve"] == 2 for g in free.values())
     layers = log["layers"].values()
     assert max(m["preserve_drift"] for m in layers) < 1e-5
     assert max(m["rel_delta"] for m in layers) > 1e-4
