@@ -45,7 +45,7 @@ def reference_update(
     """W_old + s_e R P (P M P)⁺ from an eigendecomposition and a pseudo-inverse (float64)."""
     d = stats.width
     eig, vec = torch.linalg.eigh(stats.G_p)
-    free = vec[:, eig < scales.null_space_threshold * eig.max()]
+    free = vec[:, eig < scales.null_space_threshold * eig.sum() / stats.n_preserve_vectors]
     p = free @ free.T if scales.method == "null-space" else torch.eye(d, dtype=torch.float64)
     if keep is not None:  # remove the keep-exact span from the free space
         k = p @ keep.T
@@ -70,9 +70,8 @@ def test_null_space_operator_matches_float64_reference(tau: float) -> None:
     expected = reference_update(w, w @ (stats.G_ts - stats.G_s), stats, scales, None)
     assert rel(new["w"], expected) < 1e-9
     assert k is not None and rel(w @ k, expected) < 1e-9
-    kept = int(
-        (torch.linalg.eigvalsh(stats.G_p) < tau * torch.linalg.eigvalsh(stats.G_p).max()).sum()
-    )
+    eig = torch.linalg.eigvalsh(stats.G_p)
+    kept = int((eig < tau * eig.sum() / stats.n_preserve_vectors).sum())
     assert metrics["w"]["kept_rank"] == kept and metrics["w"]["fixed_rank_preserve"] == 24 - kept
 
 
@@ -98,7 +97,7 @@ def test_norm_relative_debias_per_layer_matches_reference() -> None:
 
 @pytest.mark.parametrize("tau", [1e-1, 1e-2, 1e-4, 1e-6])
 def test_preserved_vectors_move_at_most_the_threshold_bound(tau: float) -> None:
-    """‖ΔW c_j‖ ≤ ‖ΔW‖₂·sqrt(τ·λ_max(G_p)) for every preserved c_j; least squares breaks it."""
+    """‖ΔW c_j‖ ≤ ‖ΔW‖₂·sqrt(τ)·rms‖c‖ for every preserved c_j; least squares breaks it."""
     d = 32
     gen = torch.Generator().manual_seed(5)
     c_s = torch.randn(8, d, generator=gen, dtype=torch.float64)
@@ -106,7 +105,7 @@ def test_preserved_vectors_move_at_most_the_threshold_bound(tau: float) -> None:
     c_p = torch.randn(200, d, generator=gen, dtype=torch.float64) * torch.logspace(
         0, -4, d, dtype=torch.float64
     )  # a full-rank preserve set with a spread spectrum: no exact null space
-    stats = EditStats(d, c_s.T @ c_s, c_t.T @ c_s, c_t.T @ c_t, c_p.T @ c_p)
+    stats = EditStats(d, c_s.T @ c_s, c_t.T @ c_s, c_t.T @ c_t, c_p.T @ c_p, 8, 200)
     w = torch.randn(48, d, generator=gen)
     moved, logged = {}, {}
     for method in ("null-space", "least-squares"):
@@ -114,7 +113,7 @@ def test_preserved_vectors_move_at_most_the_threshold_bound(tau: float) -> None:
         dw = new["w"].double() - w.double()
         moved[method] = (c_p @ dw.T).norm(dim=1) / torch.linalg.matrix_norm(dw, 2)
         logged[method] = metrics["w"].get("preserve_bound")
-    bound = (tau * float(torch.linalg.eigvalsh(stats.G_p).max())) ** 0.5
+    bound = (tau * float(c_p.square().sum()) / 200) ** 0.5  # sqrt(τ)·rms‖c‖
     assert logged == {"null-space": pytest.approx(bound, rel=1e-9), "least-squares": None}
     assert float(moved["null-space"].max()) <= bound * (1 + 1e-4)
     if tau <= 1e-4:  # a bound least squares does not meet
@@ -329,10 +328,14 @@ def test_every_edit_kind_and_alignment(
     tiny_model: Path, tmp_path: Path, edit: str, alignment: str
 ) -> None:
     """Null-space moves the preserve set less than least squares and keeps the edit's direction."""
+    # paper mode: 77 positions per preserve prompt fill the tiny model's 32 dims, so at the
+    # default τ only its one exact null direction is free; a looser τ leaves room to edit
+    tau = 3e-2 if alignment == "paper" else 1e-3
     figures = {}
     for method in ("least-squares", "null-space"):
+        options = f", null_space_threshold: {tau}" if method == "null-space" else ""
         body = (
-            f"alignment: {alignment}\n{EDITS[edit]}solver: {{method: {method}}}\n"
+            f"alignment: {alignment}\n{EDITS[edit]}solver: {{method: {method}{options}}}\n"
             "output: {formats: [delta]}\n"
         )
         out = apply_recipe(tiny_model, tmp_path / method, body=body)

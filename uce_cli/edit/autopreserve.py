@@ -21,15 +21,17 @@ concepts join the preserve set (their Gram into G_p); ties keep the candidate or
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uce_cli.edit.encode import encode_prompts, preserve_rows
 from uce_cli.edit.plan import AutoCandidates
-from uce_cli.edit.stats import EditStats
 from uce_cli.families.base import TextPath
 from uce_cli.progress import NullProgress, Progress
+
+if TYPE_CHECKING:  # statistics sit a layer above; new ones are made with dataclasses.replace
+    from uce_cli.edit.stats import EditStats
 
 
 def _padding(alignment: str) -> str:

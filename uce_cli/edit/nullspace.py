@@ -2,8 +2,8 @@
 
 UCE's least squares lets every preserved vector move a little. Here the update is ``ΔW = D`` with
 ``D = D·P``, P the orthogonal projector onto the *free* directions (docs/design.md §"Null-space
-solver"): the eigen-directions of ``G_p = Σ c_j c_jᵀ`` whose eigenvalues are below
-``τ·λ_max(G_p)`` (``solver.method: null-space``), less the span of the keep-exact vectors
+solver"): the eigen-directions of ``G_p = Σ c_j c_jᵀ`` (n vectors) whose eigenvalues are below
+``τ·tr(G_p)/n``, τ times the mean squared norm of a preserve vector (``solver.method: null-space``), less the span of the keep-exact vectors
 (``solver.keep_exact``, either method). With Q (d × r) an orthonormal basis of the free space
 and ``M = λI + s_e G_s + s_p G_p`` the UCE Gram matrix, the minimiser of UCE's objective over
 such D is::
@@ -14,8 +14,9 @@ For targets linear in W_old, ``R = W_old (G_ts − G_s)`` and the edit is again 
 
     W_new = W_old · K,   K = I + s_e (G_ts − G_s) Q (Qᵀ M Q)⁻¹ Qᵀ
 
-(with Q = I it is UCE's K). Preserved vectors then move by at most
-``‖ΔW c_j‖ ≤ ‖ΔW‖₂ · sqrt(τ λ_max(G_p))``; keep-exact vectors by float rounding only.
+(with Q = I it is UCE's K). Since c_j c_jᵀ ⪯ G_p, ‖P c_j‖² ≤ λ_max(P G_p P) < τ·tr(G_p)/n, so
+preserved vectors move by at most ``‖ΔW c_j‖ ≤ ‖ΔW‖₂ · sqrt(τ)·rms‖c‖`` (rms over the preserve
+vectors), whatever their number; keep-exact vectors by float rounding only.
 
 Invariant: everything here is float64; Qᵀ M Q (r × r) is factorized by Cholesky, never inverted.
 """
@@ -23,14 +24,17 @@ Invariant: everything here is float64; Qᵀ M Q (r × r) is factorized by Choles
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from uce_cli.edit.recipe import DEFAULT_NULL_SPACE_THRESHOLD
-from uce_cli.edit.stats import EditStats
 from uce_cli.errors import SolveError
 
-DEFAULT_THRESHOLD = DEFAULT_NULL_SPACE_THRESHOLD  # τ: free if eigenvalue < τ·λ_max(G_p)
+if TYPE_CHECKING:  # statistics sit a layer above; only their fields are read here
+    from uce_cli.edit.stats import EditStats
+
+DEFAULT_THRESHOLD = DEFAULT_NULL_SPACE_THRESHOLD  # τ: free if eigenvalue < τ·tr(G_p)/n
 # Keep-exact directions: singular values of the (projected) keep-exact vectors above this fraction
 # of the largest are removed from the free space (float32 encoder resolution times d, as in
 # solve.operator_rank); what remains of them in the free space is below it.
@@ -49,7 +53,7 @@ class FreeSpace:
     rank: int  # r, the kept rank
     preserve_rank: int  # directions the preserve Gram fixes (d − r before keep-exact)
     keep_exact_rank: int  # directions the keep-exact vectors fix on top
-    bound: float  # sqrt(τ·λ_max(G_p)): ‖ΔW c_j‖ ≤ ‖ΔW‖₂·bound for a preserved c_j
+    bound: float  # sqrt(τ·tr(G_p)/n): ‖ΔW c_j‖ ≤ ‖ΔW‖₂·bound for a preserved c_j
 
 
 def free_space(stats: EditStats, method: str, threshold: float) -> FreeSpace:
@@ -66,10 +70,16 @@ def free_space(stats: EditStats, method: str, threshold: float) -> FreeSpace:
     if method == "null-space":
         g_p = (stats.G_p + stats.G_p.T) / 2
         eig, vec = torch.linalg.eigh(g_p)  # ascending
-        top = float(eig[-1].clamp_min(0))
-        if top > 0:
-            free = eig < threshold * top
-            q, bound = vec[:, free], (threshold * top) ** 0.5
+        trace = float(eig.clamp_min(0).sum())
+        if trace > 0:
+            n = stats.n_preserve_vectors
+            if n <= 0:
+                raise SolveError(
+                    "the null-space solve needs the number of preserve vectors "
+                    "(EditStats.n_preserve_vectors) to scale its threshold"
+                )
+            level = threshold * trace / n  # τ times the mean squared norm of a preserve vector
+            q, bound = vec[:, eig < level], level**0.5
     preserve_rank = d - q.shape[1]
     keep_rank = 0
     keep = getattr(stats, "keep_exact", None)

@@ -312,7 +312,7 @@ class DebiasLoop(_Strict):
 SolverMethod = Literal["least-squares", "null-space"]
 KeepExact = Literal["sot", "empty"]
 MAX_AUTO_TOP = 100_000
-DEFAULT_NULL_SPACE_THRESHOLD = 1e-3  # relative to the preserve Gram's largest eigenvalue
+DEFAULT_NULL_SPACE_THRESHOLD = 1e-3  # relative to the mean squared norm of a preserve vector
 
 
 class AutoPreserve(_Strict):
@@ -357,8 +357,9 @@ class Solver(_Strict):
     )
     null_space_threshold: Number | None = Field(
         default=None,
-        description="null-space: directions with eigenvalue < threshold·λ_max of the preserve "
-        "Gram are free (relative, 0 < t ≤ 1; default 1e-3)",
+        description="null-space: the preserve Gram's directions with eigenvalue < threshold × "
+        "the mean squared norm of a preserve vector are free (0 < t ≤ 1; default 1e-3); a "
+        "preserved vector then moves by ≤ ‖ΔW‖·sqrt(t)·rms norm",
     )
     keep_exact: list[KeepExact] | None = Field(
         default=None,

@@ -48,7 +48,8 @@ class Scales:
     """λ, s_e and s_p of the closed form, and the solver method (``uce_cli.edit.nullspace``).
 
     ``least-squares`` is UCE's closed form; ``null-space`` restricts the update to the directions
-    whose preserve-Gram eigenvalues are below ``null_space_threshold``·λ_max (relative).
+    whose preserve-Gram eigenvalues are below ``null_space_threshold`` times the mean squared norm
+    of a preserve vector (relative).
     """
 
     lam: float
@@ -567,7 +568,7 @@ def solve_constrained(
     """``solve_edit`` with the update restricted to free directions (``uce_cli.edit.nullspace``):
     the null-space method, or least squares with keep-exact vectors. Same returns; each layer's
     metrics add ``kept_rank`` (free directions), ``fixed_rank_preserve``/``fixed_rank_keep_exact``
-    and ``preserve_bound`` (sqrt(τ·λ_max(G_p)); 0 for least squares).
+    and ``preserve_bound`` (sqrt(τ·tr(G_p)/n): ‖ΔW c_j‖ ≤ ‖ΔW‖₂·bound; 0 for least squares).
 
     Raises:
         SolveError: as ``solve_edit``; ``nullspace.NoFreeDirectionError`` when nothing is free.
