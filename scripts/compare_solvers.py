@@ -1,7 +1,7 @@
 """Compare UCE's least-squares solve with the null-space solve (issue 18), side by side.
 
 For each model and each number of erased artists E, one erase recipe (art templates, guide "art",
-paper alignment unless ``--alignment``) is solved three ways on the same statistics:
+in each alignment mode of ``--alignments``) is solved three ways on the same statistics:
 
   least-squares        UCE's closed form, preserving P other artists (bare names);
   null-space           the update restricted to the preserve Gram's low-eigenvalue directions;
@@ -94,13 +94,13 @@ def build(model: str, work: Path) -> Path:
 
 
 def recipe(
-    folder: Path, model: Path, erased: list[str], preserve: list[str], auto: int, args: Any
+    folder: Path, model: Path, erased: list[str], preserve: list[str], auto: int, alignment: str
 ) -> Path:
     """An erase recipe: the erased artists, and the preserve list (as candidates with ``auto``)."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
         f"model: {model}",
-        f"alignment: {args.alignment}",
+        f"alignment: {alignment}",
         "erase:",
         f"  - concepts: {json.dumps(erased)}",
         "    templates: art",
@@ -110,7 +110,7 @@ def recipe(
     ]
     if auto:
         lines.append(f"    auto: {{top: {auto}}}")
-    path = folder / f"erase-{len(erased)}{'-auto' if auto else ''}.yaml"
+    path = folder / f"erase-{alignment}-{len(erased)}{'-auto' if auto else ''}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -124,12 +124,28 @@ def statistics(path: Path, text_path: CachedTextPath) -> tuple[Any, EditStats]:
 
 
 def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Every (size, config) row of one model."""
+    """Every (alignment, size, config) row of one model."""
     folder = build(name, work)
     model = open_model(str(folder))
     keys = [t.key for t in model.kv]
     old = model.read_kv(keys)
     text_path = CachedTextPath(open_text_path(model, torch.device("cpu"), torch.float32))
+    rows = []
+    for alignment in args.alignments:
+        rows += run_alignment(name, folder, old, text_path, alignment, args, work)
+    return rows
+
+
+def run_alignment(
+    name: str,
+    folder: Path,
+    old: dict[str, torch.Tensor],
+    text_path: CachedTextPath,
+    alignment: str,
+    args: argparse.Namespace,
+    work: Path,
+) -> list[dict[str, Any]]:
+    """Every (size, config) row of one model and alignment mode."""
     artists = [a.strip() for a in ARTISTS.read_text().splitlines() if a.strip()]
     random.Random(0).shuffle(artists)
     sizes = [s for s in args.sizes if s <= len(artists) - args.preserve - args.unrelated]
@@ -147,10 +163,10 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
         )
         t0 = time.perf_counter()
         plan, stats = statistics(
-            recipe(work / "recipes", folder, erased, preserve, 0, args), text_path
+            recipe(work / "recipes", folder, erased, preserve, 0, alignment), text_path
         )
         auto_plan, auto_stats = statistics(
-            recipe(work / "recipes", folder, erased, preserve, args.auto_top, args), text_path
+            recipe(work / "recipes", folder, erased, preserve, args.auto_top, alignment), text_path
         )
         encode_s = time.perf_counter() - t0
         for config in CONFIGS:
@@ -166,7 +182,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
                 plain, _, _ = solve_edit(old, auto_stats, scales)
                 forms = {text_path.groups[0].name: drift_forms(old, plain)}
                 [candidates] = auto_plan.auto_preserve
-                choice = choose_preserve(candidates, text_path, args.alignment, forms)
+                choice = choose_preserve(candidates, text_path, alignment, forms)
                 group_stats = with_preserved(auto_stats, choice.rows[text_path.groups[0].name])
                 chosen = choice.chosen
                 choose_s = time.perf_counter() - t0
@@ -178,6 +194,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
             rows.append(
                 {
                     "model": name,
+                    "alignment": alignment,
                     "erased": size,
                     "config": config,
                     "efficacy": figures["efficacy"],
@@ -199,14 +216,14 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
 
 
 HEADER = (
-    f"{'model':6} {'E':>5} {'config':16} {'efficacy':>9} {'drift_pres':>11} {'drift_unrel':>11} "
+    f"{'model':6} {'align':10} {'E':>5} {'config':16} {'efficacy':>9} {'drift_pres':>11} {'drift_unrel':>11} "
     f"{'kept':>9} {'solve s':>8} {'choose s':>8}"
 )
 
 
 def _line(r: dict[str, Any]) -> str:
     return (
-        f"{r['model']:6} {r['erased']:>5} {r['config']:16} {r['efficacy']:>9.4f} "
+        f"{r['model']:6} {r['alignment']:10} {r['erased']:>5} {r['config']:16} {r['efficacy']:>9.4f} "
         f"{r['drift_preserve']:>11.2e} {r['drift_unrelated']:>11.2e} "
         f"{str(r['kept_rank']) + '/' + str(r['width']):>9} {r['solve_s']:>8.3f} {r['choose_s']:>8.2f}"
     )
@@ -215,13 +232,13 @@ def _line(r: dict[str, Any]) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table as markdown (for docs)."""
     out = [
-        "| model | erased | solver | efficacy | drift_preserve | drift_unrelated | kept rank | "
+        "| model | alignment | erased | solver | efficacy | drift_preserve | drift_unrelated | kept rank | "
         "solve s | choose s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         out.append(
-            f"| {r['model']} | {r['erased']} | {r['config']} | {r['efficacy']:.4f} | "
+            f"| {r['model']} | {r['alignment']} | {r['erased']} | {r['config']} | {r['efficacy']:.4f} | "
             f"{r['drift_preserve']:.2e} | {r['drift_unrelated']:.2e} | {r['kept_rank']}/{r['width']} | "
             f"{r['solve_s']:.3f} | {r['choose_s']:.2f} |"
         )
@@ -229,33 +246,44 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Efficacy and drift_preserve against the number erased, one line per (model, solver)."""
+    """Efficacy, drift_preserve and drift_unrelated against the number erased: one row of panels
+    per alignment mode, colour = solver, line style = model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    keys = ("efficacy", "drift_preserve", "drift_unrelated")
+    alignments = list(dict.fromkeys(r["alignment"] for r in rows))
+    fig, axes = plt.subplots(len(alignments), 3, figsize=(14, 3.8 * len(alignments)), squeeze=False)
     styles = {"tiny": "--", "sd14": "-"}
     colors = dict(zip(CONFIGS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
-    for model, config in dict.fromkeys((r["model"], r["config"]) for r in rows):
-        sel = [r for r in rows if r["model"] == model and r["config"] == config]
-        xs = [r["erased"] for r in sel]
-        label = f"{model}: {config}"
-        for ax, key in zip(axes, ("efficacy", "drift_preserve", "drift_unrelated"), strict=True):
-            ys = [max(r[key], 1e-9) if key != "efficacy" else r[key] for r in sel]
-            ax.plot(xs, ys, styles.get(model, "-"), marker="o", color=colors[config], label=label)
-    for ax, key in zip(axes, ("efficacy", "drift_preserve", "drift_unrelated"), strict=True):
-        ax.set_xscale("log")
-        ax.set_xlabel("artists erased")
-        ax.set_title(key)
-        if key != "efficacy":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("least squares vs null space (text side; random-weight models)")
+    for row, alignment in enumerate(alignments):
+        lines = dict.fromkeys(
+            (r["model"], r["config"]) for r in rows if r["alignment"] == alignment
+        )
+        for model, config in lines:
+            sel = [
+                r
+                for r in rows
+                if (r["alignment"], r["model"], r["config"]) == (alignment, model, config)
+            ]
+            xs = [r["erased"] for r in sel]
+            for ax, key in zip(axes[row], keys, strict=True):
+                ys = [r[key] if key == "efficacy" else max(r[key], 1e-9) for r in sel]
+                ax.plot(xs, ys, styles.get(model, "-"), marker="o", color=colors[config],
+                        label=f"{model}: {config}")  # fmt: skip
+        for ax, key in zip(axes[row], keys, strict=True):
+            ax.set_xscale("log")
+            ax.set_xlabel("artists erased")
+            ax.set_title(f"{key} ({alignment})")
+            if key != "efficacy":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.suptitle("least squares vs null space, text side (random-weight models; floor 1e-9)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -267,12 +295,13 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=100, help="erased artists judged, at most")
     parser.add_argument("--auto-top", type=int, default=50, help="auto-preserve: top N of the P")
     parser.add_argument("--threshold", type=float, default=1e-3, help="null_space_threshold")
-    parser.add_argument("--alignment", default="paper", choices=["paper", "last-token"])
+    parser.add_argument("--alignments", default="paper,last-token", help="comma list")
     parser.add_argument("--work", type=Path, default=None, help="keep models here (sd14: 4.3 GB)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.alignments = args.alignments.split(",")
     torch.manual_seed(0)
     work = args.work or Path(tempfile.mkdtemp(prefix="uce-compare-"))
     work.mkdir(parents=True, exist_ok=True)
