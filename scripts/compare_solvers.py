@@ -8,11 +8,14 @@ in each alignment mode of ``--alignments``) is solved three ways on the same sta
   null-space+auto      the same, preserving only the ``--auto-top`` of the P candidates the plain
                        edit moves most (``preserve: {auto: {top: N}}``).
 
-and judged with ``uce eval``'s text-side figures (docs/metrics.md): efficacy on held-out phrasings
-of the erased artists ("a painting in the style of X" → guide "art"), drift_preserve on the P
-preserved artists (the prompts the preserve set holds), drift_unrelated on U other artists; plus
-the kept rank (free directions of the update) and the solve time (solve_edit, and for auto the
-measurement that chooses the preserve set). Artists come from the shipped 1,734-artist list,
+and judged with ``uce eval``'s text-side figures (docs/metrics.md): efficacy (all aligned
+positions) and efficacy_word (the last word token) on held-out phrasings of the erased artists
+("a painting in the style of X" → guide "art"), drift_preserve on the P preserved artists (all 77
+positions of each, as ``uce eval`` measures it), drift_unrelated on U other artists; plus the
+drift of the preserve vectors themselves (the vectors the solver constrains: all positions in
+paper mode, the last word in last-token mode, from the full P set's Gram matrix), the kept rank
+(free directions of the update) and the solve time (solve_edit, and for auto the measurement
+that chooses the preserve set). Artists come from the shipped 1,734-artist list,
 shuffled with a fixed seed: the first max(E) are the erase pool, the next P preserved, the next U
 unrelated.
 
@@ -191,6 +194,10 @@ def run_alignment(
             solve_s = time.perf_counter() - t0
             figures = text_figures(inputs, text_path, old, new)["figures"]
             first = next(iter(metrics.values()))
+            # the constraint itself: the full preserve set's vectors as the solver reads them
+            # (stats.G_p: all P artists, and "" in paper mode), pooled over layers
+            moved = sum(_trace(new[k].double() - w.double(), stats.G_p) for k, w in old.items())
+            base = sum(_trace(w.double(), stats.G_p) for w in old.values())
             rows.append(
                 {
                     "model": name,
@@ -198,6 +205,8 @@ def run_alignment(
                     "erased": size,
                     "config": config,
                     "efficacy": figures["efficacy"],
+                    "efficacy_word": figures["efficacy_word"],
+                    "drift_preserve_vectors": (moved / base) ** 0.5,
                     "drift_preserve": figures["drift_preserve"],
                     "drift_unrelated": figures["drift_unrelated"],
                     "kept_rank": int(first.get("kept_rank", stats.width)),
@@ -215,16 +224,22 @@ def run_alignment(
     return rows
 
 
+def _trace(w: torch.Tensor, g: torch.Tensor) -> float:
+    """tr(W G Wᵀ) = ‖W C‖²_F for G = C Cᵀ."""
+    return float(((w @ g) * w).sum())
+
+
 HEADER = (
-    f"{'model':6} {'align':10} {'E':>5} {'config':16} {'efficacy':>9} {'drift_pres':>11} {'drift_unrel':>11} "
-    f"{'kept':>9} {'solve s':>8} {'choose s':>8}"
+    f"{'model':6} {'align':10} {'E':>5} {'config':16} {'effic':>7} {'eff_wd':>7} {'drift_P':>9} "
+    f"{'drift_pres':>10} {'drift_unrel':>11} {'kept':>9} {'solve s':>8} {'choose s':>8}"
 )
 
 
 def _line(r: dict[str, Any]) -> str:
     return (
-        f"{r['model']:6} {r['alignment']:10} {r['erased']:>5} {r['config']:16} {r['efficacy']:>9.4f} "
-        f"{r['drift_preserve']:>11.2e} {r['drift_unrelated']:>11.2e} "
+        f"{r['model']:6} {r['alignment']:10} {r['erased']:>5} {r['config']:16} "
+        f"{r['efficacy']:>7.3f} {r['efficacy_word']:>7.3f} {r['drift_preserve_vectors']:>9.2e} "
+        f"{r['drift_preserve']:>10.2e} {r['drift_unrelated']:>11.2e} "
         f"{str(r['kept_rank']) + '/' + str(r['width']):>9} {r['solve_s']:>8.3f} {r['choose_s']:>8.2f}"
     )
 
@@ -232,28 +247,29 @@ def _line(r: dict[str, Any]) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table as markdown (for docs)."""
     out = [
-        "| model | alignment | erased | solver | efficacy | drift_preserve | drift_unrelated | kept rank | "
-        "solve s | choose s |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | alignment | erased | solver | efficacy | efficacy_word | drift of preserve "
+        "vectors | drift_preserve | drift_unrelated | kept rank | solve s | choose s |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         out.append(
-            f"| {r['model']} | {r['alignment']} | {r['erased']} | {r['config']} | {r['efficacy']:.4f} | "
-            f"{r['drift_preserve']:.2e} | {r['drift_unrelated']:.2e} | {r['kept_rank']}/{r['width']} | "
-            f"{r['solve_s']:.3f} | {r['choose_s']:.2f} |"
+            f"| {r['model']} | {r['alignment']} | {r['erased']} | {r['config']} | "
+            f"{r['efficacy']:.3f} | {r['efficacy_word']:.3f} | {r['drift_preserve_vectors']:.2e} | "
+            f"{r['drift_preserve']:.2e} | {r['drift_unrelated']:.2e} | "
+            f"{r['kept_rank']}/{r['width']} | {r['solve_s']:.3f} | {r['choose_s']:.2f} |"
         )
     return "\n".join(out)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Efficacy, drift_preserve and drift_unrelated against the number erased: one row of panels
+    """efficacy_word, the preserve vectors' drift and drift_unrelated against the number erased: one row of panels
     per alignment mode, colour = solver, line style = model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("efficacy", "drift_preserve", "drift_unrelated")
+    keys = ("efficacy_word", "drift_preserve_vectors", "drift_unrelated")
     alignments = list(dict.fromkeys(r["alignment"] for r in rows))
     fig, axes = plt.subplots(len(alignments), 3, figsize=(14, 3.8 * len(alignments)), squeeze=False)
     styles = {"tiny": "--", "sd14": "-"}
@@ -270,14 +286,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ]
             xs = [r["erased"] for r in sel]
             for ax, key in zip(axes[row], keys, strict=True):
-                ys = [r[key] if key == "efficacy" else max(r[key], 1e-9) for r in sel]
+                ys = [r[key] if key == "efficacy_word" else max(r[key], 1e-9) for r in sel]
                 ax.plot(xs, ys, styles.get(model, "-"), marker="o", color=colors[config],
                         label=f"{model}: {config}")  # fmt: skip
         for ax, key in zip(axes[row], keys, strict=True):
             ax.set_xscale("log")
             ax.set_xlabel("artists erased")
             ax.set_title(f"{key} ({alignment})")
-            if key != "efficacy":
+            if key != "efficacy_word":
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=7)
