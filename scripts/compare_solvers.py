@@ -37,7 +37,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,10 @@ def statistics(path: Path, text_path: CachedTextPath) -> tuple[Any, EditStats]:
     return plan, group_stats
 
 
-def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Every (alignment, size, config) row of one model."""
+def run_model(
+    name: str, args: argparse.Namespace, work: Path, save: Callable[[list[dict[str, Any]]], None]
+) -> list[dict[str, Any]]:
+    """Every (alignment, size, config) row of one model; ``save`` gets the rows after each size."""
     folder = build(name, work)
     model = open_model(str(folder))
     keys = [t.key for t in model.kv]
@@ -135,7 +137,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str,
     text_path = CachedTextPath(open_text_path(model, torch.device("cpu"), torch.float32))
     rows = []
     for alignment in args.alignments:
-        rows += run_alignment(name, folder, old, text_path, alignment, args, work)
+        rows += run_alignment(name, folder, old, text_path, alignment, args, work, save, rows)
     return rows
 
 
@@ -147,6 +149,8 @@ def run_alignment(
     alignment: str,
     args: argparse.Namespace,
     work: Path,
+    save: Callable[[list[dict[str, Any]]], None],
+    earlier: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Every (size, config) row of one model and alignment mode."""
     artists = [a.strip() for a in ARTISTS.read_text().splitlines() if a.strip()]
@@ -219,6 +223,7 @@ def run_alignment(
                 }
             )
             print(_line(rows[-1]), flush=True)
+        save(earlier + rows)
         print(f"  (statistics for E={size}: {encode_s:.1f} s; prompts encoded so far "
               f"{text_path.encoded})", flush=True)  # fmt: skip
     return rows
@@ -302,6 +307,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Write the rows so far to ``--json`` (after every size: a long run keeps what it measured)."""
+    if args.json:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny", help="comma list of tiny, sd14")
@@ -324,12 +336,11 @@ def main() -> None:
     print(HEADER, flush=True)
     rows: list[dict[str, Any]] = []
     for name in args.models.split(","):
-        rows += run_model(name, args, work)
+        before = list(rows)
+        rows += run_model(name, args, work, lambda done, b=before: _save(args, b + done))
     print()
     print(markdown(rows))
-    if args.json:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    _save(args, rows)
     if args.plot:
         plot(rows, args.plot)
 
