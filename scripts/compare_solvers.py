@@ -327,12 +327,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep models here (sd14: 4.3 GB)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument(
+        "--load", type=Path, nargs="*", default=None, help="only table and plot these JSON files"
+    )
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.alignments = args.alignments.split(",")
     torch.manual_seed(0)
     work = args.work or Path(tempfile.mkdtemp(prefix="uce-compare-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.load:
+        rows = [r for path in args.load for r in json.loads(path.read_text())["rows"]]
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return
     print(HEADER, flush=True)
     rows: list[dict[str, Any]] = []
     for name in args.models.split(","):

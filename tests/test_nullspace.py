@@ -202,6 +202,16 @@ def test_no_free_direction_is_an_error_naming_the_group(
     body = f"{ERASE_RECIPE}solver: {solver}\n"
     with pytest.raises(NoFreeDirectionError, match=rf"^group 'text': .*32-d embeddings: {cause}"):
         apply_recipe(model_copy, tmp_path, body=body)
+    from typer.testing import CliRunner
+
+    from uce_cli.cli import app
+
+    recipe = write_recipe(tmp_path / "cli", f"model: {model_copy}\n{body}")
+    result = CliRunner().invoke(app, ["apply", str(recipe), "--out", str(tmp_path / "cli-out")])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: group 'text': "), result.stderr
+    assert not (tmp_path / "cli-out").exists()
     stats = random_stats()
     stats.G_p = torch.eye(stats.width, dtype=torch.float64)  # one eigenvalue: nothing below it
     with pytest.raises(SolveError, match="null_space_threshold 0.5 leaves no direction"):
@@ -364,13 +374,15 @@ def test_every_family_keeps_preserved_vectors(
     body = (
         "alignment: last-token\nerase:\n  - concepts: [Thomas Kinkade]\npreserve:\n"
         "  - concepts: [Claude Monet, Rembrandt]\n"
-        "solver: {method: null-space, null_space_threshold: 1e-6}\noutput: {formats: [delta]}\n"
+        "solver: {method: null-space, null_space_threshold: 1e-6, keep_exact: [sot, empty]}\n"
+        "output: {formats: [delta]}\n"
     )  # τ small: the tiny Gemma's two preserve vectors are nearly parallel (eigenvalue ratio < 1e-3)
     out = apply_recipe(model, tmp_path, body=body)
     log = json.loads((out / "edit_log.json").read_text())
     assert log["solver"]["method"] == "null-space"
     free = log["solver"]["free_space"]
     assert free and all(g["kept_rank"] > 0 and g["fixed_by_preserve"] == 2 for g in free.values())
+    assert all(g["fixed_by_keep_exact"] >= 1 for g in free.values())  # sot (and "")
     layers = log["layers"].values()
     assert max(m["preserve_drift"] for m in layers) < 1e-5
     assert max(m["rel_delta"] for m in layers) > 1e-4
