@@ -208,6 +208,8 @@ def run_alignment(
                     "alignment": alignment,
                     "erased": size,
                     "config": config,
+                    "threshold": args.threshold if method == "null-space" else None,
+                    "preserved": len(preserve),
                     "efficacy": figures["efficacy"],
                     "efficacy_word": figures["efficacy_word"],
                     "drift_preserve_vectors": (moved / base) ** 0.5,
