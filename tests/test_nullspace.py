@@ -75,6 +75,23 @@ def test_null_space_operator_matches_float64_reference(tau: float) -> None:
     assert metrics["w"]["kept_rank"] == kept and metrics["w"]["fixed_rank_preserve"] == 24 - kept
 
 
+@pytest.mark.parametrize("method", ["least-squares", "null-space"])
+def test_keep_exact_update_matches_float64_reference(method: str) -> None:
+    """Keep-exact vectors leave the free space: the reference projects them out with a QR."""
+    stats = random_stats()
+    keep = torch.randn(3, stats.width, generator=torch.Generator().manual_seed(4)).double()
+    stats.keep_exact = keep
+    scales = Scales(0.5, 1.0, 0.3, method, 1e-2)
+    w = torch.randn(
+        40, stats.width, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    new, k, metrics = solve_edit({"w": w}, stats, scales)
+    expected = reference_update(w, w @ (stats.G_ts - stats.G_s), stats, scales, keep)
+    assert rel(new["w"], expected) < 1e-9 and metrics["w"]["fixed_rank_keep_exact"] == 3
+    moved = (keep @ (new["w"] - w).T).norm(dim=1) / (keep @ w.T).norm(dim=1)
+    assert float(moved.max()) < 1e-12
+
+
 def test_norm_relative_debias_per_layer_matches_reference() -> None:
     """The per-layer (no operator) null-space solve: the debias numerator, restricted."""
     stats = random_stats(n_s=0)

@@ -319,7 +319,10 @@ def auto_preserve_stage(
         forms = {}
         for group, group_stats in stats.items():
             if weights.get(group):
-                new, _, _ = solve_edit(weights[group], group_stats, scales)
+                try:
+                    new, _, _ = solve_edit(weights[group], group_stats, scales)
+                except NoFreeDirectionError as exc:
+                    raise NoFreeDirectionError(f"group '{group}': {exc}") from None
                 forms[group] = drift_forms(weights[group], new)
         choice = choose_preserve(
             candidates, opened.text_path, plan.alignment, forms, batch_size, progress

@@ -3,8 +3,8 @@
 UCE's least squares lets every preserved vector move a little. Here the update is ``ΔW = D`` with
 ``D = D·P``, P the orthogonal projector onto the *free* directions (docs/design.md §"Null-space
 solver"): the eigen-directions of ``G_p = Σ c_j c_jᵀ`` (n vectors) whose eigenvalues are below
-``τ·tr(G_p)/n``, τ times the mean squared norm of a preserve vector (``solver.method: null-space``), less the span of the keep-exact vectors
-(``solver.keep_exact``, either method). With Q (d × r) an orthonormal basis of the free space
+``τ·tr(G_p)/n``, τ times the mean squared norm of a preserve vector (``solver.method:
+null-space``), less the span of the keep-exact vectors (``solver.keep_exact``, either method). With Q (d × r) an orthonormal basis of the free space
 and ``M = λI + s_e G_s + s_p G_p`` the UCE Gram matrix, the minimiser of UCE's objective over
 such D is::
 
@@ -35,9 +35,9 @@ if TYPE_CHECKING:  # statistics sit a layer above; only their fields are read he
     from uce_cli.edit.stats import EditStats
 
 DEFAULT_THRESHOLD = DEFAULT_NULL_SPACE_THRESHOLD  # τ: free if eigenvalue < τ·tr(G_p)/n
-# Keep-exact directions: singular values of the (projected) keep-exact vectors above this fraction
-# of the largest are removed from the free space (float32 encoder resolution times d, as in
-# solve.operator_rank); what remains of them in the free space is below it.
+# Keep-exact directions: singular directions of the keep-exact vectors (projected on the free
+# space) above this fraction of the longest vector's norm leave the free space (about float32
+# encoder resolution times d, as in solve.operator_rank); what remains of them there is below it.
 KEEP_EXACT_TOL = 1e-4
 
 
@@ -82,11 +82,13 @@ def free_space(stats: EditStats, method: str, threshold: float) -> FreeSpace:
             q, bound = vec[:, eig < level], level**0.5
     preserve_rank = d - q.shape[1]
     keep_rank = 0
-    keep = getattr(stats, "keep_exact", None)
+    keep = stats.keep_exact
     if keep is not None and keep.numel() and q.shape[1]:
-        b = q.T @ keep.to(device, torch.float64).T  # (r, n): keep-exact vectors in free coordinates
+        keep = keep.to(device, torch.float64)
+        b = q.T @ keep.T  # (r, n): keep-exact vectors in free coordinates
         u, s, _ = torch.linalg.svd(b, full_matrices=True)
-        keep_rank = int((s > s.max().clamp_min(1e-300) * KEEP_EXACT_TOL).sum()) if s.numel() else 0
+        tol = KEEP_EXACT_TOL * float(keep.norm(dim=1).max())
+        keep_rank = int((s > tol).sum())
         q = q @ u[:, keep_rank:]
     if q.shape[1] == 0:
         if preserve_rank == d:
@@ -106,14 +108,14 @@ def free_space(stats: EditStats, method: str, threshold: float) -> FreeSpace:
     return FreeSpace(q.contiguous(), q.shape[1], preserve_rank, keep_rank, bound)
 
 
-def compressed_factor(stats: EditStats, scales_m: torch.Tensor, space: FreeSpace) -> torch.Tensor:
-    """Cholesky factor of Qᵀ M Q (r × r, float64).
+def compressed_factor(m: torch.Tensor, space: FreeSpace) -> torch.Tensor:
+    """Cholesky factor of Qᵀ M Q (r × r, float64), M = λI + s_e G_s + s_p G_p (``solve.gram_matrix``).
 
     Raises:
         SolveError: Qᵀ M Q not positive definite (λ = 0 with too few edit vectors in the free space).
     """
     q = space.Q
-    a = q.T @ scales_m @ q
+    a = q.T @ m @ q
     chol, info = torch.linalg.cholesky_ex((a + a.T) / 2)
     if int(info) != 0:
         raise SolveError(

@@ -584,7 +584,7 @@ def solve_constrained(
         )
     with one_thread():
         space = nullspace.free_space(stats, scales.method, scales.null_space_threshold)
-        chol = nullspace.compressed_factor(stats, m, space)
+        chol = nullspace.compressed_factor(m, space)
     extra = {
         "kept_rank": float(space.rank),
         "fixed_rank_preserve": float(space.preserve_rank),
