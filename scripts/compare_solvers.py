@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -316,7 +317,8 @@ def _save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the command line), run or load, print, save, plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny", help="comma list of tiny, sd14")
     parser.add_argument("--sizes", default="1,10,100", help="numbers of artists erased")
@@ -332,23 +334,27 @@ def main() -> None:
     parser.add_argument(
         "--load", type=Path, nargs="*", default=None, help="only table and plot these JSON files"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.alignments = args.alignments.split(",")
     torch.manual_seed(0)
-    work = args.work or Path(tempfile.mkdtemp(prefix="uce-compare-"))
-    work.mkdir(parents=True, exist_ok=True)
     if args.load:
         rows = [r for path in args.load for r in json.loads(path.read_text())["rows"]]
         print(markdown(rows))
         if args.plot:
             plot(rows, args.plot)
         return
+    work = args.work or Path(tempfile.mkdtemp(prefix="uce-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
     rows: list[dict[str, Any]] = []
-    for name in args.models.split(","):
-        before = list(rows)
-        rows += run_model(name, args, work, lambda done, b=before: _save(args, b + done))
+    try:
+        for name in args.models.split(","):
+            before = list(rows)
+            rows += run_model(name, args, work, lambda done, b=before: _save(args, b + done))
+    finally:
+        if args.work is None:  # a temporary folder (the sd14 model is 4.3 GB) goes on any exit
+            shutil.rmtree(work, ignore_errors=True)
     print()
     print(markdown(rows))
     _save(args, rows)

@@ -445,3 +445,32 @@ def test_debias_loop_with_null_space(tiny_model: Path, tmp_path: Path) -> None:
         dw = new[f"unet.{key}"].double() - w.double()
         assert float(dw.norm()) > 1e-6
         assert float((x @ dw.T).norm() / (x @ w.double().T).norm()) < 1e-5, key
+
+
+def test_compare_script_measures_both_solvers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/compare_solvers.py on the tiny model: the rows it writes hold what the solvers do."""
+    import importlib.util
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_solvers.py"
+    spec = importlib.util.spec_from_file_location("compare_solvers", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "rows.json"
+    module.main(
+        ["--sizes", "1,10", "--alignments", "last-token", "--preserve", "5", "--unrelated", "5",
+         "--auto-top", "2", "--json", str(out), "--plot", str(tmp_path / "plot.png")]
+    )  # fmt: skip
+    rows = {(r["erased"], r["config"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 6 and (tmp_path / "plot.png").stat().st_size > 10_000
+    for size in (1, 10):
+        ls, ns = rows[size, "least-squares"], rows[size, "null-space"]
+        assert ns["drift_preserve_vectors"] < 1e-6 < ls["drift_preserve_vectors"]
+        assert ns["kept_rank"] == 32 - 5 and ls["kept_rank"] == 32
+        assert rows[size, "null-space+auto"]["kept_rank"] == 32 - 2
+    assert not list((tmp_path / "tmp").glob("uce-compare-*"))  # its work folder is gone
