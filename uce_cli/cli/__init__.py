@@ -20,6 +20,13 @@ try:
     from uce_cli.cli.transfer import transfer
     from uce_cli.cli.validate import validate
     from uce_cli.cli.verify import verify
+except Exception as _exc:  # Ctrl-C wrapped by pydantic-core while it built a model's validator
+    from uce_cli.errors import is_interrupt
+
+    if not is_interrupt(_exc):
+        raise
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     raise SystemExit(130) from None

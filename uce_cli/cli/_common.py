@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 
 import typer
 
-from uce_cli.errors import RecipeError, UceError, UceWarning
+from uce_cli.errors import RecipeError, UceError, UceWarning, is_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -137,6 +137,9 @@ def handle_errors(func: F) -> F:
             print_error(str(exc) or "interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:
+            if is_interrupt(exc):  # Ctrl-C that pydantic-core wrapped in a SchemaError
+                print_error("interrupted")
+                raise typer.Exit(130) from None
             _internal_error(exc, debug)
 
     return wrapper  # type: ignore[return-value]
