@@ -30,7 +30,15 @@ from uce_cli.artifacts.outputs import (
     write_json,
 )
 from uce_cli.distributed import Ranks
+from uce_cli.edit.autopreserve import (
+    choose_preserve,
+    drift_forms,
+    keep_exact_rows,
+    with_keep_exact,
+    with_preserved,
+)
 from uce_cli.edit.cache import preserve_key
+from uce_cli.edit.nullspace import NoFreeDirectionError
 from uce_cli.edit.plan import EditPlan, check_loop_work, loop_work, operator_refusal
 from uce_cli.edit.solve import Scales, operator_rank, solve_edit
 from uce_cli.edit.stats import EditStats, collect_statistics
@@ -269,11 +277,69 @@ def statistics_stage(
     stats, counts, status = collect_statistics(
         plan, opened.text_path, opened.solve_device, batch_size, progress, cache_key
     )
-    if opened.pipe is None:  # the loop's pipeline keeps its encoder; otherwise it is done
-        opened.text_path.release()
     # a group none of whose layers the plan's projections select is not edited (SDXL's pooled)
     edited = {t.group for t in opened.model.kv if t.key in set(opened.keys)}
-    return {g: s for g, s in stats.items() if g in edited}, counts, status
+    stats = {g: s for g, s in stats.items() if g in edited}
+    if plan.keep_exact:
+        rows = keep_exact_rows(opened.text_path, plan.alignment, plan.keep_exact)
+        stats = {g: with_keep_exact(s, rows[g]) for g, s in stats.items()}
+    if plan.auto_preserve:
+        stats = auto_preserve_stage(plan, opened, stats, batch_size, progress)
+    if opened.pipe is None:  # the loop's pipeline keeps its encoder; otherwise it is done
+        opened.text_path.release()
+    return stats, counts, status
+
+
+def solver_scales(plan: EditPlan) -> Scales:
+    """The solve's scales and method, as the plan resolved them."""
+    return Scales(
+        plan.lam, plan.erase_scale, plan.preserve_scale, plan.method, plan.null_space_threshold
+    )
+
+
+def group_weights(
+    opened: Opened, old: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """group → {key: the columns of W_old the group's operator edits}."""
+    tensor_of = {t.key: t for t in opened.model.kv}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, w in old.items():
+        groups.setdefault(tensor_of[key].group, {})[key] = tensor_of[key].part(w)
+    return groups
+
+
+def auto_preserve_stage(
+    plan: EditPlan,
+    opened: Opened,
+    stats: dict[str, EditStats],
+    batch_size: int,
+    progress: Progress,
+) -> dict[str, EditStats]:
+    """Choose each ``auto`` preserve group's concepts by the drift the edit without them causes
+    (``uce_cli.edit.autopreserve``); their prompts join ``plan.preserve``, the record
+    ``plan.auto_choices``. Returns the statistics with the chosen vectors in G_p."""
+    weights = group_weights(opened, opened.model.read_kv(opened.keys))
+    scales = solver_scales(plan)
+    for candidates in plan.auto_preserve:
+        forms = {}
+        for group, group_stats in stats.items():
+            if weights.get(group):
+                try:
+                    new, _, _ = solve_edit(weights[group], group_stats, scales)
+                except NoFreeDirectionError as exc:
+                    raise NoFreeDirectionError(f"group '{group}': {exc}") from None
+                forms[group] = drift_forms(weights[group], new)
+        choice = choose_preserve(
+            candidates, opened.text_path, plan.alignment, forms, batch_size, progress
+        )
+        stats = {
+            g: with_preserved(s, choice.rows[g]) if g in choice.rows else s
+            for g, s in stats.items()
+        }
+        known = set(plan.preserve)
+        plan.preserve = plan.preserve + [p for p in choice.prompts if p not in known]
+        plan.auto_choices.append(choice.record())
+    return stats
 
 
 def solve_stage(
@@ -287,7 +353,7 @@ def solve_stage(
     """The closed form once per group (or the debias loop, on a one-group family)."""
     model = opened.model
     old = model.read_kv(opened.keys)
-    scales = Scales(plan.lam, plan.erase_scale, plan.preserve_scale)
+    scales = solver_scales(plan)
     if plan.loop is not None:
         from uce_cli.artifacts.pipeline import image_size
         from uce_cli.commands.debias import run_debias_loop
@@ -313,7 +379,10 @@ def solve_stage(
         weights = {key: tensor_of[key].part(w) for key, w in old.items() if group_of[key] == group}
         if not weights:
             continue
-        new_g, k, metrics_g = solve_edit(weights, group_stats, scales, files)
+        try:
+            new_g, k, metrics_g = solve_edit(weights, group_stats, scales, files)
+        except NoFreeDirectionError as exc:
+            raise NoFreeDirectionError(f"group '{group}': {exc}") from None
         new.update({key: tensor_of[key].whole(old[key], w) for key, w in new_g.items()})
         metrics.update(metrics_g)
         if k is not None:
@@ -469,6 +538,7 @@ def edit_log(
             "form": "W_new = W_old·K (one operator)"
             if ks is not None
             else "per layer (norm-relative debias targets; no operator)",
+            **solver_record(plan, stats, solved.metrics, {t.key: t.group for t in model.kv}),
             "precision": (
                 "float64 Gram matrices, Cholesky solve and operator K; W_old·K applied in "
                 "float32 (float64 for float64 weights), cast back once"
@@ -488,6 +558,36 @@ def edit_log(
         timings={k_: round(v, 4) for k_, v in timings.items()},
         outputs=outputs,
     )
+
+
+def solver_record(
+    plan: EditPlan,
+    stats: dict[str, EditStats],
+    metrics: dict[str, dict[str, float]],
+    group_of: dict[str, str],
+) -> dict[str, Any]:
+    """The edit log's record of the newer solver options (nothing when none is used): method,
+    threshold, kept rank per group (free directions of the update), auto-preserve's choices."""
+    record: dict[str, Any] = {"method": plan.method}
+    if not plan.solver_options():
+        return record
+    if plan.method == "null-space":
+        record["null_space_threshold"] = plan.null_space_threshold
+    if plan.keep_exact:
+        record["keep_exact"] = list(plan.keep_exact)
+    kept: dict[str, dict[str, int]] = {}
+    for key, m in metrics.items():
+        if "kept_rank" in m and group_of.get(key) in stats:
+            kept[group_of[key]] = {
+                "kept_rank": int(m["kept_rank"]),
+                "fixed_by_preserve": int(m["fixed_rank_preserve"]),
+                "fixed_by_keep_exact": int(m["fixed_rank_keep_exact"]),
+            }
+    record["kept_rank"] = _per_group(stats, lambda g, _: kept.get(g, {}).get("kept_rank"))
+    record["free_space"] = kept
+    if plan.auto_choices:
+        record["auto_preserve"] = plan.auto_choices
+    return record
 
 
 def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:

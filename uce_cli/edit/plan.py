@@ -16,6 +16,7 @@ from typing import Any
 from uce_cli.edit.prompts import check_regular_file
 from uce_cli.edit.recipe import (
     BAD_CHARACTERS,
+    DEFAULT_NULL_SPACE_THRESHOLD,
     MAX_CONCEPT_CHARS,
     MAX_CONCEPTS,
     ConceptSource,
@@ -24,6 +25,7 @@ from uce_cli.edit.recipe import (
     EraseGroup,
     ModerateGroup,
     Recipe,
+    dump_recipe,
     fill_template,
     load_recipe,
     recipe_sha256,
@@ -85,6 +87,16 @@ class EditPair:
         return bool(self.desired)
 
 
+@dataclass(frozen=True)
+class AutoCandidates:
+    """A ``preserve`` group with ``auto``: candidate concepts (with their prompts), of which the
+    ``top`` the edit moves most are preserved (``uce_cli.edit.autopreserve``)."""
+
+    section: str
+    top: int
+    concepts: dict[str, list[str]]  # concept → its prompts (templates expanded)
+
+
 @dataclass
 class EditPlan:
     """Everything ``uce apply`` needs besides weights; printable by ``--dry-run``."""
@@ -113,6 +125,11 @@ class EditPlan:
     # True when the recipe names layers.projections; otherwise every editable projection of the
     # model's family is edited (to_k/to_v on SD, context_embedder/text_embedder on FLUX/SD3).
     projections_given: bool = False
+    method: str = "least-squares"  # solver.method
+    null_space_threshold: float = DEFAULT_NULL_SPACE_THRESHOLD
+    keep_exact: tuple[str, ...] = ()  # solver.keep_exact: "sot", "empty"
+    auto_preserve: list[AutoCandidates] = field(default_factory=list)
+    auto_choices: list[dict[str, Any]] = field(default_factory=list)  # filled in by `uce apply`
 
     @property
     def per_layer(self) -> bool:
@@ -144,7 +161,23 @@ class EditPlan:
             "preserve_scale": self.preserve_scale,
             "projections": self.projections,
             "sections": self.sections,
+            **self.solver_options(),
         }
+
+    def solver_options(self) -> dict[str, Any]:
+        """The newer solver settings, only where the recipe uses them (older logs stay as they were)."""
+        options: dict[str, Any] = {}
+        if self.method != "least-squares":
+            options["method"] = self.method
+            options["null_space_threshold"] = self.null_space_threshold
+        if self.keep_exact:
+            options["keep_exact"] = list(self.keep_exact)
+        if self.auto_preserve:
+            options["auto_preserve"] = [
+                {"section": a.section, "top": a.top, "candidates": len(a.concepts)}
+                for a in self.auto_preserve
+            ]
+        return options
 
 
 def _norm(concept: str) -> str:
@@ -394,6 +427,8 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
     # The published erase script preserves "" (paper mode); its debias script does not.
     only_debias = not (recipe.erase or recipe.moderate)
     preserve: list[str] = [""] if mode == "paper" and not only_debias else []
+    auto_preserve: list[AutoCandidates] = []
+    n_auto = 0  # prompts the auto groups will add (for preserve_scale auto)
     for i, group in enumerate(recipe.preserve):
         where = f"preserve.{i}"
         concepts = _concepts(group, where, base_dir, problems)
@@ -416,6 +451,13 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
             "excluded": len(concepts) - len(kept),
             "prompts": len(prompts),
         }
+        if group.auto is not None:
+            if kept:
+                candidates = {c: expand(c, group.templates) for c in kept}
+                auto_preserve.append(AutoCandidates(where, group.auto.top, candidates))
+                n_auto += min(group.auto.top, len(kept)) * len(next(iter(candidates.values())))
+            sections[where]["auto_top"] = group.auto.top
+            continue
         preserve += prompts
     preserve = list(dict.fromkeys(preserve))
 
@@ -427,6 +469,12 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         )
     model = resolve_model_spec(recipe.model, base_dir)
     problems += _check_model(recipe.model, model, label)
+    if auto_preserve and any(p.auto for p in unique_pairs):
+        problems.append(
+            f"{auto_preserve[0].section}.auto: preserve auto measures the edit's drift, which the "
+            "debias loop (alphas: auto) changes every iteration — give the alphas explicitly or "
+            "list the preserved concepts"
+        )
     relative = [p.section for p in unique_pairs if p.relative]
     if relative and "operator" in recipe.output.formats:
         problems.append(f"output.formats: {operator_refusal(relative[0])}")
@@ -442,7 +490,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         preserve_scale = 0.1  # the published debias script's s_p
     preserve_scale = solver.preserve_scale if solver.preserve_scale is not None else preserve_scale
     if preserve_scale == "auto":
-        n_preserve = len([p for p in preserve if p != ""])
+        n_preserve = len([p for p in preserve if p != ""]) + n_auto
         preserve_scale = max(0.1, 1.0 / (1 + n_preserve))
 
     out = output_dir
@@ -463,12 +511,20 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         formats=list(dict.fromkeys(recipe.output.formats)),
         output_dir=out,
         seed=recipe.seed,
-        recipe=recipe.model_dump(mode="json", by_alias=True),
+        recipe=dump_recipe(recipe),
         recipe_sha256=recipe_sha256(recipe),
         source_file=label,
         sections=sections,
         recipe_paths=_recipe_paths(recipe, model),
         loop=(recipe.debias_loop or DebiasLoop()) if any(p.auto for p in unique_pairs) else None,
+        method=solver.method or "least-squares",
+        null_space_threshold=float(
+            solver.null_space_threshold
+            if solver.null_space_threshold is not None
+            else DEFAULT_NULL_SPACE_THRESHOLD
+        ),
+        keep_exact=tuple(dict.fromkeys(solver.keep_exact or ())),
+        auto_preserve=auto_preserve,
     )
 
 

@@ -344,8 +344,31 @@ class DebiasLoop(_Strict):
         return self
 
 
+SolverMethod = Literal["least-squares", "null-space"]
+KeepExact = Literal["sot", "empty"]
+MAX_AUTO_TOP = 100_000
+DEFAULT_NULL_SPACE_THRESHOLD = 1e-3  # relative to the mean squared norm of a preserve vector
+
+
+class AutoPreserve(_Strict):
+    """Preserve only the candidates the edit would move most (SPEED's influence-based filtering)."""
+
+    top: int = Field(
+        ge=1,
+        le=MAX_AUTO_TOP,
+        description="how many of the group's concepts to preserve: those whose outputs the edit "
+        "without them moves most (text-side drift per concept)",
+    )
+
+
 class PreserveGroup(ConceptSource):
-    """Concepts whose outputs must not move."""
+    """Concepts whose outputs must not move (all of them, or with `auto` the most affected)."""
+
+    auto: AutoPreserve | None = Field(
+        default=None,
+        description="treat the group as candidates and preserve the `top` most affected, e.g. "
+        "{top: 50}; the edit log records the choice and every candidate's drift",
+    )
 
     exclude_edited: bool = Field(
         default=False,
@@ -362,6 +385,41 @@ class Solver(_Strict):
     preserve_scale: Number | Literal["auto"] | None = Field(
         default=None, description="s_p; auto = max(0.1, 1/(1+|P|))"
     )
+    method: SolverMethod | None = Field(
+        default=None,
+        description="least-squares (UCE, default) | null-space (preserved vectors do not move: "
+        "the update is restricted to the preserve Gram's low-eigenvalue directions)",
+    )
+    null_space_threshold: Number | None = Field(
+        default=None,
+        description="null-space: the preserve Gram's directions with eigenvalue < threshold × "
+        "the mean squared norm of a preserve vector are free (0 < t ≤ 1; default 1e-3); a "
+        "preserved vector then moves by ≤ ‖ΔW‖·sqrt(t)·rms norm",
+    )
+    keep_exact: list[KeepExact] | None = Field(
+        default=None,
+        description="vectors kept exactly by either method: sot (the start-of-text token), "
+        'empty (the empty prompt "")',
+    )
+
+    @field_validator("null_space_threshold")
+    @classmethod
+    def _threshold_in_range(cls, value: float | None) -> float | None:
+        if value is not None:
+            hint = "a relative eigenvalue threshold, 0 < t ≤ 1 (default 1e-3)"
+            _check_number(value, 0.0, 1.0, hint)
+            if value == 0:
+                raise ValueError(f"must be > 0 — {hint}")
+        return value
+
+    @model_validator(mode="after")
+    def _threshold_needs_null_space(self) -> Solver:
+        if self.null_space_threshold is not None and self.method != "null-space":
+            raise ValueError(
+                "`null_space_threshold` only applies with `method: null-space` — set the method "
+                "or remove the threshold"
+            )
+        return self
 
     @field_validator("lam", "erase_scale", "preserve_scale")
     @classmethod
@@ -435,12 +493,31 @@ class Recipe(_Strict):
         return self
 
 
+# Fields added after the first release: left out of the normalized recipe while unset, so the
+# hash (and edit log) of a recipe that does not use them stays what it was.
+UNSET_OMITTED = {"solver": ("method", "null_space_threshold", "keep_exact"), "preserve": ("auto",)}
+
+
+def dump_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The normalized recipe (aliases, JSON types), newer fields left out while unset."""
+    dumped = recipe.model_dump(mode="json", by_alias=True)
+    for key in UNSET_OMITTED["solver"]:
+        if dumped["solver"].get(key) is None:
+            dumped["solver"].pop(key, None)
+    for group in dumped["preserve"]:
+        for key in UNSET_OMITTED["preserve"]:
+            if group.get(key) is None:
+                group.pop(key, None)
+    return dumped
+
+
 def recipe_sha256(recipe: Recipe) -> str:
     """Hash of the normalized recipe (aliases, sorted keys), stable across formatting changes.
 
     ``evaluate:`` is left out: it says how an edit is judged, not what the edit is.
     """
-    dumped = recipe.model_dump(mode="json", by_alias=True, exclude={"evaluate"})
+    dumped = dump_recipe(recipe)
+    dumped.pop("evaluate", None)
     payload = json.dumps(dumped, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -36,17 +36,27 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from uce_cli.edit import nullspace
 from uce_cli.edit.stats import DebiasBlock, EditStats
 from uce_cli.errors import ModelError, SolveError
+
+METHODS = ("least-squares", "null-space")
 
 
 @dataclass(frozen=True)
 class Scales:
-    """λ, s_e and s_p of the closed form."""
+    """λ, s_e and s_p of the closed form, and the solver method (``uce_cli.edit.nullspace``).
+
+    ``least-squares`` is UCE's closed form; ``null-space`` restricts the update to the directions
+    whose preserve-Gram eigenvalues are below ``null_space_threshold`` times the mean squared norm
+    of a preserve vector (relative).
+    """
 
     lam: float
     erase_scale: float
     preserve_scale: float
+    method: str = "least-squares"
+    null_space_threshold: float = nullspace.DEFAULT_THRESHOLD
 
 
 @contextmanager
@@ -90,6 +100,14 @@ def check_scales(scales: Scales) -> None:
     ):
         if not math.isfinite(value):
             raise SolveError(f"{name} is {value} — solver scales must be finite numbers")
+    if scales.method not in METHODS:
+        raise SolveError(f"solver.method is {scales.method!r} — use one of: {', '.join(METHODS)}")
+    tau = scales.null_space_threshold
+    if not (math.isfinite(tau) and 0 < tau <= 1):
+        raise SolveError(
+            f"solver.null_space_threshold is {tau} — a relative eigenvalue threshold in (0, 1] "
+            f"(default {nullspace.DEFAULT_THRESHOLD:g})"
+        )
 
 
 def check_statistics(stats: EditStats) -> None:
@@ -512,6 +530,8 @@ def solve_edit(
             )
     check_base_weights(weights, origin)
     stats = fold_linear_blocks(stats)
+    if scales.method != "least-squares" or stats.keep_exact is not None:
+        return solve_constrained(weights, stats, scales)
     new: dict[str, torch.Tensor] = {}
     metrics: dict[str, dict[str, float]] = {}
     if stats.debias:
@@ -539,4 +559,71 @@ def solve_edit(
         new[name] = _apply(w_old, k_minus_i[dtype])
         check_result(name, new[name], scales)
         metrics[name] = layer_figures(w_old, stacked)
+    return new, k, metrics
+
+
+def solve_constrained(
+    weights: dict[str, torch.Tensor], stats: EditStats, scales: Scales
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, dict[str, float]]]:
+    """``solve_edit`` with the update restricted to free directions (``uce_cli.edit.nullspace``):
+    the null-space method, or least squares with keep-exact vectors. Same returns; each layer's
+    metrics add ``kept_rank`` (free directions), ``fixed_rank_preserve``/``fixed_rank_keep_exact``
+    and ``preserve_bound`` (sqrt(τ·tr(G_p)/n): ‖ΔW c_j‖ ≤ ‖ΔW‖₂·bound; 0 for least squares).
+
+    Raises:
+        SolveError: as ``solve_edit``; ``nullspace.NoFreeDirectionError`` when nothing is free.
+    """
+    check_scales(scales)
+    check_statistics(stats)
+    m = gram_matrix(stats, scales)
+    if nonfinite_count(m):
+        raise SolveError(
+            f"the Gram matrix M overflows (solver scales lambda={scales.lam:g}, "
+            f"erase_scale={scales.erase_scale:g}, preserve_scale={scales.preserve_scale:g}) — "
+            "use scales of moderate size"
+        )
+    with one_thread():
+        space = nullspace.free_space(stats, scales.method, scales.null_space_threshold)
+        chol = nullspace.compressed_factor(m, space)
+    extra = {
+        "kept_rank": float(space.rank),
+        "fixed_rank_preserve": float(space.preserve_rank),
+        "fixed_rank_keep_exact": float(space.keep_exact_rank),
+        "preserve_bound": space.bound,
+    }
+    new: dict[str, torch.Tensor] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    if stats.debias:
+        stacked_blocks = stack_blocks(stats.debias)
+        stacked_blocks = (stacked_blocks[0].to(chol.device), stacked_blocks[1].to(chol.device))
+        for name, w_old in weights.items():
+            w0 = w_old.to(chol.device, torch.float64)
+            numer, energy = debias_numerator(w0, stats.debias, stacked_blocks)
+            v_star_c = w0 @ stats.G_ts + numer
+            energy += _trace_form(w0, stats.G_t)
+            new[name] = nullspace.layer_update(
+                w_old, v_star_c, stats, scales.erase_scale, space, chol
+            )
+            check_result(name, new[name], scales)
+            metrics[name] = {
+                **per_layer_metrics(w_old, new[name], v_star_c, energy, stats),
+                **extra,
+            }
+        return new, None, metrics
+    with one_thread():
+        k = nullspace.operator(stats, m, scales.erase_scale, space, chol)
+    if nonfinite_count(k):
+        raise SolveError(
+            "the edit operator K is not finite — the solve overflowed: use scales of moderate size"
+        )
+    stacked = metric_forms(k, stats).stacked()
+    eye = torch.eye(stats.width, dtype=torch.float64, device=k.device)
+    k_minus_i: dict[torch.dtype, torch.Tensor] = {}
+    for name, w_old in weights.items():
+        dtype = compute_dtype(w_old.dtype)
+        if dtype not in k_minus_i:
+            k_minus_i[dtype] = (k - eye).to(dtype)
+        new[name] = _apply(w_old, k_minus_i[dtype])
+        check_result(name, new[name], scales)
+        metrics[name] = {**layer_figures(w_old, stacked), **extra}
     return new, k, metrics

@@ -57,6 +57,8 @@ class EditStats:
     n_preserve_vectors: int = 0
     spans: list[dict] = field(default_factory=list)
     debias: list[DebiasBlock] = field(default_factory=list)
+    # (n, d) float64 vectors the edit must not move at all (``solver.keep_exact``); None: none
+    keep_exact: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, width: int, device: torch.device) -> EditStats:
