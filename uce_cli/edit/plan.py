@@ -21,10 +21,12 @@ from uce_cli.edit.recipe import (
     DebiasGroup,
     DebiasLoop,
     EraseGroup,
+    Harden,
     ModerateGroup,
     Recipe,
     fill_template,
     load_recipe,
+    recipe_dump,
     recipe_sha256,
     shorten,
     show_name,
@@ -100,6 +102,7 @@ class EditPlan:
     # True when the recipe names layers.projections; otherwise every editable projection of the
     # model's family is edited (to_k/to_v on SD, context_embedder/text_embedder on FLUX/SD3).
     projections_given: bool = False
+    harden: Harden | None = None  # RECE-style hardening rounds; None: today's edit, bit for bit
 
     @property
     def per_layer(self) -> bool:
@@ -430,12 +433,13 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         formats=list(dict.fromkeys(recipe.output.formats)),
         output_dir=out,
         seed=recipe.seed,
-        recipe=recipe.model_dump(mode="json", by_alias=True),
+        recipe=recipe_dump(recipe),
         recipe_sha256=recipe_sha256(recipe),
         source_file=label,
         sections=sections,
         recipe_paths=_recipe_paths(recipe, model),
         loop=(recipe.debias_loop or DebiasLoop()) if any(p.auto for p in unique_pairs) else None,
+        harden=recipe.harden,
     )
 
 

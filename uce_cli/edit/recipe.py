@@ -358,6 +358,40 @@ class Output(_Strict):
     )
 
 
+class Harden(_Strict):
+    """RECE-style hardening (``harden:``): rounds of the closed-form embedding attack, each adding
+    (e* → the concept's guide) to the erase statistics and solving again from the base weights.
+    Absent: the edit is today's, bit for bit."""
+
+    rounds: int = Field(
+        default=1, ge=1, le=100, strict=True, description="attack → re-solve rounds"
+    )
+    gamma: Number | Literal["auto"] = Field(
+        default="auto",
+        description="ridge γ of the attack (≥ 0); auto keeps ‖e*‖ within real token vectors' norms",
+    )
+    target: Literal["guide"] = Field(
+        default="guide", description="what each attack embedding is edited towards"
+    )
+    tolerance: Number = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="stop early once the attack recovers less than this share of the erasure gap",
+    )
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_in_range(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int):
+            hint = "gamma is a number >= 0, or auto"
+            if math.isfinite(value) and value < 0:
+                raise ValueError(f"must be >= 0, got {value:g} — {hint}")
+            _check_number(value, 0.0, MAX_SCALE, hint)
+        return value
+
+
 class Recipe(_Strict):
     """A whole UCE edit, as written in a recipe file."""
 
@@ -378,6 +412,9 @@ class Recipe(_Strict):
     evaluate: Evaluate | None = Field(
         default=None, description="how `uce eval` judges the edit (prompt sets, metrics, expect)"
     )
+    harden: Harden | None = Field(
+        default=None, description="RECE-style hardening rounds against the embedding attack"
+    )
 
     @field_validator("seed")
     @classmethod
@@ -397,7 +434,24 @@ class Recipe(_Strict):
                 "`debias_loop` is set but no debias group has `alphas: auto` — remove it, or set "
                 "`alphas: auto` on the group whose α the loop should find"
             )
+        if self.harden is not None and not (self.erase or self.moderate):
+            raise ValueError(
+                "`harden` hardens erased and moderated concepts, but this recipe only debiases — "
+                "remove `harden`, or add the concepts to erase/moderate"
+            )
+        if self.harden is not None and any(g.alphas == "auto" for g in self.debias):
+            raise ValueError(
+                "`harden` cannot run with the debias loop (`alphas: auto`) — give the alphas "
+                "explicitly, or remove `harden`"
+            )
         return self
+
+
+def recipe_dump(recipe: Recipe, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The normalized recipe as JSON data; an absent ``harden:`` is left out, so a recipe without
+    it dumps (and hashes) exactly as before the section existed."""
+    drop = set(exclude) | ({"harden"} if recipe.harden is None else set())
+    return recipe.model_dump(mode="json", by_alias=True, exclude=drop)
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -405,7 +459,7 @@ def recipe_sha256(recipe: Recipe) -> str:
 
     ``evaluate:`` is left out: it says how an edit is judged, not what the edit is.
     """
-    dumped = recipe.model_dump(mode="json", by_alias=True, exclude={"evaluate"})
+    dumped = recipe_dump(recipe, frozenset({"evaluate"}))
     payload = json.dumps(dumped, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
