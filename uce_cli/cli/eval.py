@@ -108,6 +108,7 @@ def eval_(
         evaluate_text,
         open_run,
         read_report,
+        with_attack,
         write_report,
     )
 
@@ -115,7 +116,7 @@ def eval_(
     opened = open_run(run)
     existing = read_report(opened.path)
     if check and existing is not None and not force and not images and samples is None:
-        report = existing
+        report = with_attack(existing, opened.path)
         report["expect"] = check_expectations(report, opened.evaluate.expect)
     else:
         from uce_cli.distributed import init_ranks

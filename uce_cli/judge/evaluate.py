@@ -215,7 +215,7 @@ def evaluate_text(
 def flat_figures(report: dict[str, Any]) -> dict[str, float | None]:
     """Every figure of a report by its name in evalspec.FIGURES."""
     figures: dict[str, float | None] = {}
-    for section in ("text", "images"):
+    for section in ("text", "images", "attack"):
         part = report.get(section) or {}
         figures.update(part.get("figures", {}))
     return {k: v for k, v in figures.items() if k in FIGURES}
@@ -254,8 +254,20 @@ def build_report(run: Run, text: dict[str, Any] | None, images: dict[str, Any] |
         "text": text,
         "images": images,
     }
+    with_attack(report, run.path)
     report["figures"] = flat_figures(report)
     report["expect"] = check_expectations(report, run.evaluate.expect)
+    return report
+
+
+def with_attack(report: dict[str, Any], run_path: Path) -> dict[str, Any]:
+    """Put the figures of RUN/attack/attack.json (``uce attack``) into ``report["attack"]``, so
+    ``expect:`` can name them; leaves the report as is when the run has not been attacked."""
+    from uce_cli.judge.attack import read_attack_figures
+
+    figures = read_attack_figures(run_path)
+    if figures:
+        report["attack"] = {"figures": figures}
     return report
 
 
