@@ -263,7 +263,7 @@ def build_report(run: Run, text: dict[str, Any] | None, images: dict[str, Any] |
 def with_attack(report: dict[str, Any], run_path: Path) -> dict[str, Any]:
     """Put the figures of RUN/attack/attack.json (``uce attack``) into ``report["attack"]``, so
     ``expect:`` can name them; leaves the report as is when the run has not been attacked."""
-    from uce_cli.judge.attack import read_attack_figures
+    from uce_cli.judge.attack_report import read_attack_figures
 
     figures = read_attack_figures(run_path)
     if figures:
