@@ -276,3 +276,24 @@ def test_interrupted_attack_writes_nothing(
     with pytest.raises(KeyboardInterrupt):
         attack_mod.run_attack_command(run, search=None, device="cpu")
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_several_group_family_hardens_and_attacks_every_group(
+    tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    """SDXL with its pooled path edited: each group is attacked and hardened against its own
+    layers; no textual-inversion file (two encoders), and the report says why."""
+    from uce_cli.judge.attack import run_attack_command
+
+    body = ERASE + "layers: {projections: [to_k, to_v, add_embedding]}\nharden: {rounds: 2}\n"
+    run = apply_recipe(tiny_sdxl, tmp_path, ["delta"], body=body)
+    log = json.loads((run / "edit_log.json").read_text())
+    assert set(log["harden"]) == {"text", "pooled"}
+    for record in log["harden"].values():
+        first, last = record["rounds"][0], record["rounds"][-1]
+        assert last["recovery_after"] < first["recovery_before"]
+    _, report = run_attack_command(run, search=None, device="cpu")
+    for entry in report["concepts"].values():
+        assert set(entry["groups"]) == {"text", "pooled"}
+        assert all(0 <= g["attack_recovery"] <= 1 for g in entry["groups"].values())
+    assert report["textual_inversion"] == [] and "one-encoder" in report["textual_inversion_note"]

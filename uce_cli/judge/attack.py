@@ -386,6 +386,12 @@ def write_attack(
             for name, tensors in ti_files.items():
                 save_tensors(tensors, stage / TI_DIR / name, {"format": "pt", "uce": "attack e*"})
         report["textual_inversion"] = [f"{TI_DIR}/{n}" for n in ti_files]
+        if not ti_files:
+            report["textual_inversion_note"] = (
+                "textual-inversion files are written for one-encoder CLIP families (SD 1.x/2.x), "
+                "whose token-embedding width is the width the edited layers read; this model's "
+                "text groups are not one encoder's output"
+            )
         write_json(stage / ATTACK_JSON, report)
         (stage / ATTACK_MD).write_text(render_markdown(report), encoding="utf-8")
         finalize(stage, out, force)
