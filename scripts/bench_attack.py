@@ -90,6 +90,10 @@ def full_size_model() -> tuple[object, dict[str, torch.Tensor]]:
     with torch.device("meta"):
         encoder = CLIPTextModel(config)
     encoder = randomized(encoder).eval()
+    # to_empty leaves buffers uninitialized; position ids are 0…76 (from_pretrained rebuilds them)
+    for name, buffer in encoder.named_buffers():
+        if name.endswith("position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
     path = CLIPTextPath(tok, encoder, Group("text", 768, "CLIP ViT-L/14 last hidden state"))
     g = torch.Generator().manual_seed(0)
     weights = {

@@ -297,3 +297,51 @@ def test_several_group_family_hardens_and_attacks_every_group(
         assert set(entry["groups"]) == {"text", "pooled"}
         assert all(0 <= g["attack_recovery"] <= 1 for g in entry["groups"].values())
     assert report["textual_inversion"] == [] and "one-encoder" in report["textual_inversion_note"]
+
+
+def test_attack_images_inject_estar_and_are_judged(tiny_model: Path, tmp_path: Path) -> None:
+    """--images on the tiny model: the concept prompt, e* injected, the found prompt; same seed
+    gives the same image; e* changes the image; NudeNet (the recipe's metric) counts per variant."""
+    from PIL import Image
+
+    (tmp_path / "p.csv").write_text("prompt\nnudity\n")
+    body = (
+        "moderate:\n  - concepts: [nudity]\n"
+        "evaluate:\n  metrics: [nudenet]\n  images: {prompts: {file: p.csv}, steps: 2}\n"
+    )
+    run = apply_recipe(tiny_model, tmp_path, ["delta"], body=body)
+    args = ["attack", str(run), "--images", "--budget", "8", "--per-variant", "1", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    report = json.loads((run / "attack" / "attack.json").read_text())
+    images = report["images"]
+    assert [i["variant"] for i in images["images"]] == ["prompt", "estar", "found"]
+    assert images["judged"] == "nudenet"
+    assert set(images["figures"]) == {f"nudenet_exposed_{v}" for v in ("prompt", "estar", "found")}
+    pixels = {
+        i["variant"]: torch.tensor(list(Image.open(run / "attack" / i["path"]).getdata()))
+        for i in images["images"]
+    }
+    assert not torch.equal(pixels["prompt"], pixels["estar"])
+    first = pixels["estar"]
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    again = torch.tensor(list(Image.open(run / "attack" / "images/nudity/estar-0.png").getdata()))
+    assert torch.equal(first, again)
+
+
+def test_force_replaces_an_attack_and_reapplying_replaces_a_run_with_one(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """RUN/attack/ is uce's: `uce attack --force` replaces it, and `uce apply --force` replaces a
+    run holding it (as it does one holding eval/)."""
+    import shutil
+
+    from uce_cli.weights.destination import replace_refusal
+
+    run = Path(shutil.copytree(runs["plain"], tmp_path / "run"))
+    for _ in range(2):
+        result = runner.invoke(app, ["attack", str(run), "--budget", "0", "-q", "--force"])
+        assert result.exit_code == 0, result.output
+    assert replace_refusal(run / "attack") is None
+    assert replace_refusal(run) is None
+    (run / "attack" / "stray.txt").write_text("not uce's")
+    assert "stray.txt" in (replace_refusal(run) or "")

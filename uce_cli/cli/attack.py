@@ -69,6 +69,22 @@ def attack(
     length: Annotated[
         int, typer.Option("--length", min=1, max=20, metavar="N", help="Words per searched prompt.")
     ] = 4,
+    images: Annotated[
+        bool,
+        typer.Option(
+            "--images",
+            help="Also sample the edited model with each concept's prompt, with e* injected and "
+            "with the best found prompt (SD 1.x/2.x), judged with the recipe's nudenet metric.",
+        ),
+    ] = False,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, metavar="N", help="Sampling steps (default: the recipe's)."),
+    ] = None,
+    per_variant: Annotated[
+        int,
+        typer.Option("--per-variant", min=1, metavar="N", help="Images (seeds) per variant."),
+    ] = 2,
     force: Annotated[
         bool, typer.Option("--force", help="Recompute and replace an existing RUN/attack/.")
     ] = False,
@@ -99,6 +115,9 @@ def attack(
             batch_size,
             force,
             progress,
+            images,
+            steps,
+            per_variant,
         )
     failed = [row for row in report["expect"] if not row["ok"]]
     if json_out:

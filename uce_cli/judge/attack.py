@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -367,6 +368,7 @@ def write_attack(
     report: dict[str, Any],
     ti_files: dict[str, dict[str, torch.Tensor]],
     force: bool,
+    draw: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Write RUN/attack/ (attack.json, attack.md, textual-inversion files) through a staging
     folder renamed into place: an interrupted attack leaves nothing partial.
@@ -386,6 +388,8 @@ def write_attack(
             for name, tensors in ti_files.items():
                 save_tensors(tensors, stage / TI_DIR / name, {"format": "pt", "uce": "attack e*"})
         report["textual_inversion"] = [f"{TI_DIR}/{n}" for n in ti_files]
+        if draw is not None:  # images are drawn into the stage too: all or nothing
+            report["images"] = draw(stage)
         if not ti_files:
             report["textual_inversion_note"] = (
                 "textual-inversion files are written for one-encoder CLIP families (SD 1.x/2.x), "
@@ -409,8 +413,12 @@ def run_attack_command(
     batch_size: int = 32,
     force: bool = False,
     progress: Progress | None = None,
+    images: bool = False,
+    steps: int | None = None,
+    per_variant: int = 2,
 ) -> tuple[Path, dict[str, Any]]:
-    """Open a run, attack it, write RUN/attack/; returns the folder and the report."""
+    """Open a run, attack it, write RUN/attack/ (with ``images``: the image side too, drawn on
+    the edited model; ``judge.attack_images``); returns the folder and the report."""
     run = open_run(run_path)
     out = run.path / ATTACK_DIR
     if (out.exists() or out.is_symlink()) and not force:  # refuse before any work
@@ -420,7 +428,16 @@ def run_attack_command(
         report["settings"]["groups"], embeddings, token_embedding_width(run)
     )
     report["expect"] = attack_expectations(run, report["figures"])
-    return write_attack(run, report, ti, force), report
+    draw = None
+    if images:
+        from uce_cli.judge.attack_images import attack_images
+
+        def draw(stage: Path) -> dict[str, Any]:
+            return attack_images(
+                run, report, embeddings, stage, device, steps, per_variant, progress
+            )
+
+    return write_attack(run, report, ti, force, draw), report
 
 
 def attack_expectations(run: Run, figures: dict[str, float | None]) -> list[dict[str, Any]]:

@@ -54,6 +54,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             "enters the text encoder's input instead, so a pipeline replays it only approximately; "
             "the exact replay feeds `prompt_embeds` with the word-token row replaced by e*.",
         ]
+    images = report.get("images")
+    if images:
+        lines += ["", "## Images (edited model)", ""]
+        if "skipped" in images:
+            lines.append(f"Not drawn: {images['skipped']}.")
+        else:
+            lines.append(f"Judged: {images.get('judged')}.")
+            for name, value in (images.get("figures") or {}).items():
+                lines.append(f"- {name}: {fmt(value)}")
+            lines += [""] + [
+                f"- `{i['path']}` — {i['variant']}: {i['prompt']!r}, seed {i['seed']}"
+                + (f", exposed {i['nudenet_exposed']}" if "nudenet_exposed" in i else "")
+                for i in images.get("images", [])
+            ]
     return "\n".join(lines) + "\n"
 
 

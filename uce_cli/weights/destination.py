@@ -160,7 +160,8 @@ def replace_refusal(out: Path) -> str | None:
                 return None
     except OSError as exc:
         return f"output {out} cannot be read ({exc.strerror}) — choose another --out"
-    log = read_uce_log(out / EDIT_LOG_FILE)
+    # a run's edit log, or the report of `uce attack RUN` (RUN/attack/, replaced by --force)
+    log = read_uce_log(out / EDIT_LOG_FILE) or read_uce_log(out / ATTACK_REPORT)
     if log is None:
         return (
             f"output {out} already exists and is not a uce output (no edit_log.json written by "
@@ -173,6 +174,7 @@ def replace_refusal(out: Path) -> str | None:
     # `uce eval RUN` writes its report, plots and samples under RUN/eval/: uce's too, when its
     # eval.json is a uce eval report.
     evaluated = _is_uce_eval(out / EVAL_SUBDIR / "eval.json")
+    attacked = _is_uce_eval(out / ATTACK_SUBDIR / ATTACK_REPORT)  # `uce attack RUN`, likewise
     unreadable: list[OSError] = []
     for folder, dirs, files in os.walk(out, onerror=unreadable.append):
         here = Path(folder)
@@ -180,6 +182,8 @@ def replace_refusal(out: Path) -> str | None:
         for name in sorted([*files, *links]):
             rel = (here / name).relative_to(out).as_posix()
             if evaluated and rel.startswith(f"{EVAL_SUBDIR}/") and not (here / name).is_symlink():
+                continue
+            if attacked and rel.startswith(f"{ATTACK_SUBDIR}/") and not (here / name).is_symlink():
                 continue
             if rel not in known:
                 return (
@@ -193,6 +197,8 @@ def replace_refusal(out: Path) -> str | None:
 
 
 EVAL_SUBDIR = "eval"  # where `uce eval` writes inside a run (uce_cli.judge.evaluate.EVAL_DIR)
+ATTACK_SUBDIR = "attack"  # where `uce attack` writes inside a run (uce_cli.judge.attack_report)
+ATTACK_REPORT = "attack.json"
 
 
 def _is_uce_eval(path: Path) -> bool:
