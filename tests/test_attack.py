@@ -343,5 +343,5 @@ def test_force_replaces_an_attack_and_reapplying_replaces_a_run_with_one(
         assert result.exit_code == 0, result.output
     assert replace_refusal(run / "attack") is None
     assert replace_refusal(run) is None
-    (run / "attack" / "stray.txt").write_text("not uce's")
+    (run / "stray.txt").write_text("not uce's")  # beside the attack, not part of the run
     assert "stray.txt" in (replace_refusal(run) or "")
