@@ -35,6 +35,7 @@ def test_help_short_flag_everywhere() -> None:
         "verify",
         "sample",
         "eval",
+        "attack",
     }
     for args in ([], *([name] for name in COMMANDS)):
         result = runner.invoke(app, [*args, "-h"])
@@ -98,6 +99,8 @@ COMMON = {
     "sample": {"--json", "--quiet", "--device", "--dtype", "--batch-size"},
     # eval encodes in float32 always, so its figures do not depend on a compute dtype
     "eval": {"--json", "--quiet", "--device", "--batch-size"},
+    # attack encodes in float32 too (its figures compare with eval's)
+    "attack": {"--json", "--quiet", "--device", "--batch-size"},
 }
 
 

@@ -49,14 +49,14 @@ def concepts_table(report: dict) -> Table:
 def attack(
     run: Annotated[
         Path,
-        typer.Argument(metavar="RUN", help="An output folder of `uce apply`.", show_default=False),
+        typer.Argument(metavar="DIR", help="An output folder of `uce apply`.", show_default=False),
     ],
     gamma: Annotated[
         str,
         typer.Option(
             "--gamma",
-            metavar="G|auto",
-            help="Ridge γ of the embedding attack; auto keeps ‖e*‖ within real token norms.",
+            metavar="FLOAT",
+            help="Ridge γ ≥ 0 of the embedding attack, or auto: ‖e*‖ kept within real token norms.",
         ),
     ] = "auto",
     budget: Annotated[
