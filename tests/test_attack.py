@@ -114,6 +114,7 @@ def test_harden_rounds_lower_the_recovery_and_are_logged(runs: dict[str, Path]) 
     recoveries = [rounds[0]["recovery_before"]] + [r["recovery_after"] for r in rounds]
     assert all(b < a for a, b in zip(recoveries, recoveries[1:], strict=False)), recoveries
     assert recoveries[-1] < 0.6 * recoveries[0]
+    assert log["harden"]["text"]["kept_round"] == 3
     for r in rounds:  # the recipe's own erasure stays in place, drift is reported
         assert r["efficacy"] > 0.5 and 0 <= r["preserve_drift"] < 1
         assert r["added_vectors"] == r["round"] * log["harden"]["text"]["vectors_per_round"]
@@ -345,3 +346,24 @@ def test_force_replaces_an_attack_and_reapplying_replaces_a_run_with_one(
     assert replace_refusal(run) is None
     (run / "stray.txt").write_text("not uce's")  # beside the attack, not part of the run
     assert "stray.txt" in (replace_refusal(run) or "")
+
+
+def test_a_round_that_does_not_lower_the_recovery_is_undone(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Moderating "nudity" on the 32-wide tiny model leaves no free direction (the 76 erased and
+    77 preserved vectors span the input space): the first round raises the recovery, so it is
+    undone and the plain edit is written."""
+    from safetensors.torch import load_file
+
+    body = "moderate:\n  - concepts: [nudity]\n"
+    plain = apply_recipe(tiny_model, tmp_path / "p", ["delta"], body=body)
+    hard = apply_recipe(
+        tiny_model, tmp_path / "h", ["delta"], body=body + "harden: {rounds: 3, tolerance: 0}\n"
+    )
+    record = json.loads((hard / "edit_log.json").read_text())["harden"]["text"]
+    [only] = record["rounds"]
+    assert only["recovery_after"] >= only["recovery_before"] and "undone" in only
+    assert record["kept_round"] == 0
+    a, b = load_file(plain / "edit.safetensors"), load_file(hard / "edit.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,8 +6,10 @@ which keeps e* among vectors a real prompt could produce instead of chasing K⁻
 (e* → the concept's guide vectors) join the erase statistics, and the edit is solved again from
 the *base* weights with the same scales (``solve_edit``, so it composes with any solver method).
 Pairs accumulate over rounds. The round record keeps the attack's recovery before and after, the
-efficacy on the recipe's own pairs and the preserve drift; the rounds stop early once the attack
-recovers less than ``tolerance``.
+efficacy on the recipe's own pairs and the preserve drift. The rounds stop early once the attack
+recovers less than ``tolerance``; a round that does not lower the recovery is undone (its weights
+are not kept) and ends the rounds; ``kept_round`` names the round whose weights are written (0:
+the plain edit).
 """
 
 from __future__ import annotations
@@ -147,17 +149,29 @@ def harden_edit(
         added_s.append(e)
         added_t.append(rows.targets)
         hardened = with_pairs(stats, torch.cat(added_s), torch.cat(added_t))
-        new, k, metrics = solve_edit(weights, hardened, scales, origin)
-        normal = normal_matrices(weights, new)
-        e_after, _ = attack_embeddings(normal, rows.sources, gamma, rows.bound)
+        trial = solve_edit(weights, hardened, scales, origin)
+        trial_normal = normal_matrices(weights, trial[0])
+        e_after, _ = attack_embeddings(trial_normal, rows.sources, gamma, rows.bound)
+        after = recovery(trial_normal, e_after, rows.sources)
         entry.update(
-            recovery_after=recovery(normal, e_after, rows.sources),
-            efficacy=_efficacy(normal, rows),
-            preserve_drift=_mean_drift(metrics),
+            recovery_after=after,
+            efficacy=_efficacy(trial_normal, rows),
+            preserve_drift=_mean_drift(trial[2]),
             added_vectors=int(sum(x.shape[0] for x in added_s)),
             seconds=round(time.perf_counter() - t0, 4),
         )
         record["rounds"].append(entry)
+        if after >= before:
+            # Too few free directions (the erased and preserved vectors already span the input
+            # space): the round cannot lower the recovery without undoing the edit. Keep the
+            # previous weights and stop.
+            entry["undone"] = f"recovery did not fall ({before:.4g} → {after:.4g}): round undone"
+            break
+        (new, k, metrics), normal = trial, trial_normal
+    record["kept_round"] = max(
+        (r["round"] for r in record["rounds"] if "recovery_after" in r and "undone" not in r),
+        default=0,
+    )
     return new, k, metrics, record
 
 
