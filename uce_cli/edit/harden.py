@@ -173,15 +173,3 @@ def harden_edit(
         default=0,
     )
     return new, k, metrics, record
-
-
-def plain_figures(
-    weights: dict[str, torch.Tensor],
-    new: dict[str, torch.Tensor],
-    rows: AttackRows,
-    gamma: float | None,
-) -> dict[str, float]:
-    """Recovery and efficacy of a (plain or hardened) edit on the group's erased vectors."""
-    normal = normal_matrices(weights, new)
-    e, _ = attack_embeddings(normal, rows.sources, gamma, rows.bound)
-    return {"recovery": recovery(normal, e, rows.sources), "efficacy": _efficacy(normal, rows)}
