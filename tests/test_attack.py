@@ -367,3 +367,21 @@ def test_a_round_that_does_not_lower_the_recovery_is_undone(
     assert record["kept_round"] == 0
     a, b = load_file(plain / "edit.safetensors"), load_file(hard / "edit.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_operator_normal_matches_the_layer_sums() -> None:
+    """A = KᵀGK, B = KᵀG from the base's Gram G equal the per-layer sums of W_new = W_old·K."""
+    from uce_cli.edit.adversary import gram_of, operator_normal
+
+    g = torch.Generator().manual_seed(7)
+    old = {
+        f"l{i}": torch.randn(r, 10, generator=g, dtype=torch.float64) for i, r in enumerate((6, 9))
+    }
+    k = torch.eye(10, dtype=torch.float64) + 0.1 * torch.randn(
+        10, 10, generator=g, dtype=torch.float64
+    )
+    fast = operator_normal(gram_of(old), k)
+    slow = normal_matrices(old, {n: w @ k for n, w in old.items()})
+    for name in ("A", "B", "G"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert float((a - b).norm() / b.norm()) < 1e-12

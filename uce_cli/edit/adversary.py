@@ -33,7 +33,7 @@ import torch
 from uce_cli.errors import SolveError
 
 GAMMA_FLOOR = 1e-9  # γ never goes below this share of A's mean eigenvalue (keeps A + γI regular)
-BISECTION_STEPS = 80
+BISECTION_STEPS = 50  # log γ spans ~35 e-folds: 50 halvings resolve γ to ~1e-14
 NO_GAP = 1e-12  # an erasure gap below this share of ‖W_old C‖² counts as no edit (base model)
 
 
@@ -69,6 +69,26 @@ def normal_matrices(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) 
     if a is None or b is None or g is None:
         raise ValueError("normal_matrices needs at least one layer")
     return Normal(a, b, g)
+
+
+def gram_of(old: dict[str, torch.Tensor]) -> torch.Tensor:
+    """G = Σ_l W_old,lᵀ W_old,l (float64, (d, d))."""
+    g = None
+    for w_old in old.values():
+        w0 = w_old.to(torch.float64)
+        g = w0.T @ w0 if g is None else g + w0.T @ w0
+    if g is None:
+        raise ValueError("gram_of needs at least one layer")
+    return g
+
+
+def operator_normal(g: torch.Tensor, k: torch.Tensor) -> Normal:
+    """The matrices of an operator edit W_new = W_old·K from G alone: A = KᵀGK, B = KᵀG (two
+    d×d products instead of three per layer; exact in float64, where the stored weights are
+    W_old·K rounded once to their dtype)."""
+    k = k.to(g.device, torch.float64)
+    b = k.T @ g
+    return Normal(b @ k, b, g)
 
 
 def _ridge_solve(normal: Normal, rhs: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from uce_cli.edit.adversary import Normal, attack_embeddings, gaps, normal_matrices, recovery
+from uce_cli.edit.adversary import (
+    Normal,
+    attack_embeddings,
+    gaps,
+    gram_of,
+    normal_matrices,
+    operator_normal,
+    recovery,
+)
 from uce_cli.edit.encode import aligned_spans, encode_prompts
 from uce_cli.edit.plan import EditPlan
 from uce_cli.edit.recipe import Harden
@@ -129,7 +137,12 @@ def harden_edit(
         "norm_bound": rows.bound,
         "rounds": [],
     }
-    normal = normal_matrices(weights, new)
+    g = gram_of(weights)  # the base's G, once: an operator edit's A and B follow from K
+
+    def normal_of(new: dict[str, torch.Tensor], k: torch.Tensor | None) -> Normal:
+        return operator_normal(g, k) if k is not None else normal_matrices(weights, new)
+
+    normal = normal_of(new, k)
     for r in range(1, spec.rounds + 1):
         t0 = time.perf_counter()
         e, used = attack_embeddings(normal, rows.sources, gamma, rows.bound)
@@ -150,7 +163,7 @@ def harden_edit(
         added_t.append(rows.targets)
         hardened = with_pairs(stats, torch.cat(added_s), torch.cat(added_t))
         trial = solve_edit(weights, hardened, scales, origin)
-        trial_normal = normal_matrices(weights, trial[0])
+        trial_normal = normal_of(trial[0], trial[1])
         e_after, _ = attack_embeddings(trial_normal, rows.sources, gamma, rows.bound)
         after = recovery(trial_normal, e_after, rows.sources)
         entry.update(
