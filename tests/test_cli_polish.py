@@ -36,6 +36,7 @@ def test_help_short_flag_everywhere() -> None:
         "sample",
         "eval",
         "compare",
+        "attack",
     }
     for args in ([], *([name] for name in COMMANDS)):
         result = runner.invoke(app, [*args, "-h"])
@@ -100,6 +101,8 @@ COMMON = {
     # eval encodes in float32 always, so its figures do not depend on a compute dtype
     "eval": {"--json", "--quiet", "--device", "--batch-size"},
     "compare": {"--json", "--quiet"},
+    # attack encodes in float32 too (its figures compare with eval's)
+    "attack": {"--json", "--quiet", "--device", "--batch-size"},
 }
 
 

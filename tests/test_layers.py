@@ -26,7 +26,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("commands, judging", ("uce_cli.commands", "uce_cli.judge")),
     (
         "artifacts, statistics, solve",
-        ("uce_cli.artifacts", "uce_cli.edit.stats", "uce_cli.edit.cache", "uce_cli.edit.solve"),
+        (
+            "uce_cli.artifacts",
+            "uce_cli.edit.stats",
+            "uce_cli.edit.cache",
+            "uce_cli.edit.solve",
+            "uce_cli.edit.harden",
+        ),
     ),
     ("encode, plan, recipe", ("uce_cli.edit",)),
     ("model", ("uce_cli.families.model",)),

@@ -13,6 +13,7 @@ try:
     from uce_cli import __version__
     from uce_cli.cli._common import CONTEXT_SETTINGS
     from uce_cli.cli.apply import apply
+    from uce_cli.cli.attack import attack
     from uce_cli.cli.compare import compare
     from uce_cli.cli.eval import eval_
     from uce_cli.cli.merge import merge
@@ -55,6 +56,7 @@ for _command in (validate, apply, show, merge, transfer, verify, sample):
     app.command(context_settings=CONTEXT_SETTINGS)(_command)
 app.command("eval", context_settings=CONTEXT_SETTINGS)(eval_)
 app.command(context_settings=CONTEXT_SETTINGS)(compare)
+app.command(context_settings=CONTEXT_SETTINGS)(attack)
 
 
 def _version(value: bool) -> None:

@@ -119,6 +119,7 @@ def eval_(
         evaluate_text,
         open_run,
         read_report,
+        with_attack,
         write_report,
     )
 
@@ -135,7 +136,7 @@ def eval_(
     else:
         check_eval_folder(opened.path)
     if existing is not None:
-        report = existing
+        report = with_attack(existing, opened.path)
         report["expect"] = check_expectations(report, opened.evaluate.expect)
     else:
         from uce_cli.distributed import init_ranks

@@ -77,6 +77,7 @@ class Opened:
     kv_hash: str  # the selected base tensors' content hash
     pipe: Any = None  # the loaded pipeline, when the debias loop samples
     classifier: Callable[[list[Any], list[str]], torch.Tensor] | None = None
+    harden_rows: dict[str, Any] | None = None  # ``harden:``'s erased vectors per group
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Solved:
     ks: dict[str, torch.Tensor] | None
     metrics: dict[str, dict[str, float]]
     loop_record: dict[str, Any] | None = None
+    harden_record: dict[str, Any] | None = None
 
 
 def run_apply(
@@ -277,6 +279,10 @@ def statistics_stage(
     stats, counts, status = collect_statistics(
         plan, opened.text_path, opened.solve_device, batch_size, progress, cache_key
     )
+    if plan.harden is not None:  # the erased vectors the hardening rounds attack
+        from uce_cli.edit.harden import attack_rows
+
+        opened.harden_rows = attack_rows(plan, opened.text_path, batch_size)
     # a group none of whose layers the plan's projections select is not edited (SDXL's pooled)
     edited = {t.group for t in opened.model.kv if t.key in set(opened.keys)}
     stats = {g: s for g, s in stats.items() if g in edited}
@@ -374,13 +380,21 @@ def solve_stage(
     new: dict[str, torch.Tensor] = {}
     ks: dict[str, torch.Tensor] = {}
     metrics: dict[str, dict[str, float]] = {}
+    records: dict[str, Any] = {}
     for group, group_stats in stats.items():
         # a layer that reads the group in some of its columns is solved on those columns only
         weights = {key: tensor_of[key].part(w) for key, w in old.items() if group_of[key] == group}
         if not weights:
             continue
         try:
-            new_g, k, metrics_g = solve_edit(weights, group_stats, scales, files)
+            if plan.harden is not None and opened.harden_rows is not None:
+                from uce_cli.edit.harden import harden_edit
+
+                new_g, k, metrics_g, records[group] = harden_edit(
+                    weights, group_stats, scales, opened.harden_rows[group], plan.harden, files
+                )
+            else:
+                new_g, k, metrics_g = solve_edit(weights, group_stats, scales, files)
         except NoFreeDirectionError as exc:
             raise NoFreeDirectionError(f"group '{group}': {exc}") from None
         new.update({key: tensor_of[key].whole(old[key], w) for key, w in new_g.items()})
@@ -389,7 +403,10 @@ def solve_stage(
             ks[group] = k
     progress.finish()
     # Debias with norm-relative α is solved per layer: no operator for any group then.
-    return Solved(old, new, ks if len(ks) == len({group_of[k] for k in old}) else None, metrics)
+    solved = Solved(old, new, ks if len(ks) == len({group_of[k] for k in old}) else None, metrics)
+    if records:
+        solved.harden_record = records
+    return solved
 
 
 def write_stage(
@@ -555,6 +572,7 @@ def edit_log(
             for key, m in solved.metrics.items()
         },
         **({"debias": solved.loop_record} if solved.loop_record is not None else {}),
+        **({"harden": solved.harden_record} if solved.harden_record is not None else {}),
         timings={k_: round(v, 4) for k_, v in timings.items()},
         outputs=outputs,
     )

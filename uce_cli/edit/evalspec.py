@@ -43,7 +43,14 @@ IMAGE_FIGURES: dict[str, str] = {
     "fid_base": "FID of the edited images against the base model's images of the same prompts "
     "(the paper's FID-SD)",
 }
-FIGURES: dict[str, str] = {**TEXT_FIGURES, **IMAGE_FIGURES}
+# Attack figures (`uce attack`, CPU, from the text encoder and the base and edited weights).
+ATTACK_FIGURES: dict[str, str] = {
+    "attack_recovery": "share of the erasure gap the closed-form embedding e* undoes at the "
+    "concept's word token (0 = robust, 1 = fully recovered)",
+    "attack_recovery_aligned": "the same over every position the edit aligned (word, EOS, pads)",
+    "attack_recovery_discrete": "the same for the best prompt a seeded, budgeted search found",
+}
+FIGURES: dict[str, str] = {**TEXT_FIGURES, **IMAGE_FIGURES, **ATTACK_FIGURES}
 # Image metrics a recipe can ask for; each yields the figures that start with its name.
 Metric = Literal[
     "clip_score",

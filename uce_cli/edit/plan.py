@@ -23,6 +23,7 @@ from uce_cli.edit.recipe import (
     DebiasGroup,
     DebiasLoop,
     EraseGroup,
+    Harden,
     ModerateGroup,
     Recipe,
     dump_recipe,
@@ -130,6 +131,7 @@ class EditPlan:
     keep_exact: tuple[str, ...] = ()  # solver.keep_exact: "sot", "empty"
     auto_preserve: list[AutoCandidates] = field(default_factory=list)
     auto_choices: list[dict[str, Any]] = field(default_factory=list)  # filled in by `uce apply`
+    harden: Harden | None = None  # RECE-style hardening rounds; None: today's edit, bit for bit
 
     @property
     def per_layer(self) -> bool:
@@ -525,6 +527,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         ),
         keep_exact=tuple(dict.fromkeys(solver.keep_exact or ())),
         auto_preserve=auto_preserve,
+        harden=recipe.harden,
     )
 
 

@@ -451,6 +451,40 @@ class Output(_Strict):
     )
 
 
+class Harden(_Strict):
+    """RECE-style hardening (``harden:``): rounds of the closed-form embedding attack, each adding
+    (e* → the concept's guide) to the erase statistics and solving again from the base weights.
+    Absent: the edit is today's, bit for bit."""
+
+    rounds: int = Field(
+        default=1, ge=1, le=100, strict=True, description="attack → re-solve rounds"
+    )
+    gamma: Number | Literal["auto"] = Field(
+        default="auto",
+        description="ridge γ of the attack (≥ 0); auto keeps ‖e*‖ within real token vectors' norms",
+    )
+    target: Literal["guide"] = Field(
+        default="guide", description="what each attack embedding is edited towards"
+    )
+    tolerance: Number = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="stop early once the attack recovers less than this share of the erasure gap",
+    )
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_in_range(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int):
+            hint = "gamma is a number >= 0, or auto"
+            if math.isfinite(value) and value < 0:
+                raise ValueError(f"must be >= 0, got {value:g} — {hint}")
+            _check_number(value, 0.0, MAX_SCALE, hint)
+        return value
+
+
 class Recipe(_Strict):
     """A whole UCE edit, as written in a recipe file."""
 
@@ -471,6 +505,9 @@ class Recipe(_Strict):
     evaluate: Evaluate | None = Field(
         default=None, description="how `uce eval` judges the edit (prompt sets, metrics, expect)"
     )
+    harden: Harden | None = Field(
+        default=None, description="RECE-style hardening rounds against the embedding attack"
+    )
 
     @field_validator("seed")
     @classmethod
@@ -490,17 +527,34 @@ class Recipe(_Strict):
                 "`debias_loop` is set but no debias group has `alphas: auto` — remove it, or set "
                 "`alphas: auto` on the group whose α the loop should find"
             )
+        if self.harden is not None and not (self.erase or self.moderate):
+            raise ValueError(
+                "`harden` hardens erased and moderated concepts, but this recipe only debiases — "
+                "remove `harden`, or add the concepts to erase/moderate"
+            )
+        if self.harden is not None and any(g.alphas == "auto" for g in self.debias):
+            raise ValueError(
+                "`harden` cannot run with the debias loop (`alphas: auto`) — give the alphas "
+                "explicitly, or remove `harden`"
+            )
         return self
 
 
 # Fields added after the first release: left out of the normalized recipe while unset, so the
 # hash (and edit log) of a recipe that does not use them stays what it was.
-UNSET_OMITTED = {"solver": ("method", "null_space_threshold", "keep_exact"), "preserve": ("auto",)}
+UNSET_OMITTED = {
+    "": ("harden",),
+    "solver": ("method", "null_space_threshold", "keep_exact"),
+    "preserve": ("auto",),
+}
 
 
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:
     """The normalized recipe (aliases, JSON types), newer fields left out while unset."""
     dumped = recipe.model_dump(mode="json", by_alias=True)
+    for key in UNSET_OMITTED[""]:
+        if dumped.get(key) is None:
+            dumped.pop(key, None)
     for key in UNSET_OMITTED["solver"]:
         if dumped["solver"].get(key) is None:
             dumped["solver"].pop(key, None)

@@ -16,7 +16,7 @@ statistics are one ``EditStats`` per group, each from that group's vectors and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -314,3 +314,30 @@ def _accumulate_pairs(
         )
     acc.flush_pairs()
     acc.flush_preserve()
+
+
+def with_pairs(stats: EditStats, c_s: torch.Tensor, c_t: torch.Tensor) -> EditStats:
+    """New statistics with extra edit pairs (rows of ``c_s`` edited towards rows of ``c_t``).
+
+    Same orientation as ``_GramAccumulator``: G_s += C_sᵀC_s, G_ts += C_tᵀC_s, G_t += C_tᵀC_t, in
+    float64; ``stats`` is unchanged (its spans and debias blocks are shared, not copied).
+
+    Args:
+        stats: the edit's statistics.
+        c_s: (n, d) source vectors (e.g. attack embeddings e*).
+        c_t: (n, d) their targets' input vectors (v* = W_old c_t).
+    """
+    if c_s.shape != c_t.shape or c_s.shape[1] != stats.width:
+        raise SolveError(
+            f"extra edit pairs of shape {tuple(c_s.shape)} → {tuple(c_t.shape)} do not fit "
+            f"statistics of width {stats.width}"
+        )
+    s = c_s.to(stats.G_s.device, torch.float64)
+    t = c_t.to(stats.G_s.device, torch.float64)
+    return replace(
+        stats,
+        G_s=stats.G_s + s.T @ s,
+        G_ts=stats.G_ts + t.T @ s,
+        G_t=stats.G_t + t.T @ t,
+        n_edit_vectors=stats.n_edit_vectors + s.shape[0],
+    )

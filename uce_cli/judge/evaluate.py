@@ -155,7 +155,7 @@ def evaluate_text(
 def flat_figures(report: dict[str, Any]) -> dict[str, float | None]:
     """Every figure of a report by its name in evalspec.FIGURES."""
     figures: dict[str, float | None] = {}
-    for section in ("text", "images"):
+    for section in ("text", "images", "attack"):
         part = report.get(section) or {}
         figures.update(part.get("figures", {}))
     return {k: v for k, v in figures.items() if k in FIGURES}
@@ -198,6 +198,7 @@ def build_report(run: Run, text: dict[str, Any] | None, images: dict[str, Any] |
         "text": text,
         "images": images,
     }
+    with_attack(report, run.path)
     report["figures"] = flat_figures(report)
     report["expect"] = check_expectations(report, run.evaluate.expect)
     from uce_cli.judge.notices import report_notices
@@ -225,6 +226,17 @@ def check_eval_folder(run_path: Path) -> Path:
             f"{report}: not a regular file where uce writes its eval report — move it away"
         )
     return folder
+
+
+def with_attack(report: dict[str, Any], run_path: Path) -> dict[str, Any]:
+    """Put the figures of RUN/attack/attack.json (``uce attack``) into ``report["attack"]``, so
+    ``expect:`` can name them; leaves the report as is when the run has not been attacked."""
+    from uce_cli.judge.attack_report import read_attack_figures
+
+    figures = read_attack_figures(run_path)
+    if figures:
+        report["attack"] = {"figures": figures}
+    return report
 
 
 def read_report(run_path: Path) -> dict[str, Any] | None:

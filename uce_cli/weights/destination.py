@@ -181,7 +181,9 @@ def replace_refusal(out: Path) -> str | None:
                 return None
     except OSError as exc:
         return f"output {out} cannot be read ({exc.strerror}) — choose another --out"
-    log = read_uce_log(out / EDIT_LOG_FILE)
+    # a run's edit log, or the report of `uce attack RUN` (RUN/attack/): each lists its files
+    log_name = EDIT_LOG_FILE if (out / EDIT_LOG_FILE).exists() else ATTACK_REPORT
+    log = read_uce_log(out / log_name)
     known = listed_outputs(log) if log is not None else None
     if known is None:
         return (
@@ -189,7 +191,7 @@ def replace_refusal(out: Path) -> str | None:
             "uce with the list of its outputs) — --force replaces only the files an earlier uce "
             "output lists, or an empty folder; choose another --out"
         )
-    known.add(EDIT_LOG_FILE)
+    known.add(log_name)
     unreadable: list[OSError] = []
     for folder, dirs, files in os.walk(out, onerror=unreadable.append):
         here = Path(folder)
@@ -198,11 +200,12 @@ def replace_refusal(out: Path) -> str | None:
             rel = (here / name).relative_to(out).as_posix()
             if rel in known and not (here / name).is_symlink():
                 continue
-            if rel.startswith(f"{EVAL_SUBDIR}/") and _is_uce_eval(out / EVAL_SUBDIR / "eval.json"):
+            sub = next((s for s in (EVAL_SUBDIR, ATTACK_SUBDIR) if rel.startswith(f"{s}/")), None)
+            if sub is not None and _is_uce_eval(out / sub / f"{sub}.json"):
                 return (
-                    f"output {out} holds {EVAL_SUBDIR}/, the `uce eval` report of that run, which "
+                    f"output {out} holds {sub}/, the `uce {sub}` report of that run, which "
                     "--force does not replace (its edit log does not list it) — move or delete "
-                    f"{out / EVAL_SUBDIR} first, or choose another --out"
+                    f"{out / sub} first, or choose another --out"
                 )
             what = (
                 "a symbolic link" if (here / name).is_symlink() else "not part of that uce output"
@@ -246,6 +249,8 @@ def describe_replacement(out: Path) -> str | None:
 
 
 EVAL_SUBDIR = "eval"  # where `uce eval` writes inside a run (uce_cli.judge.evaluate.EVAL_DIR)
+ATTACK_SUBDIR = "attack"  # where `uce attack` writes inside a run (uce_cli.judge.attack_report)
+ATTACK_REPORT = "attack.json"
 
 
 def _is_uce_eval(path: Path) -> bool:
