@@ -91,6 +91,7 @@ def factorize_delta(delta: torch.Tensor, rank: int | None = None) -> LoraFactors
 class OperatorFactor:
     """One group's K − I = U S Vᵀ, factored once: each layer's ΔW = W_old(K − I) = (W_old U S)·Vᵀ."""
 
+    k_minus_i: torch.Tensor  # (d, d) float64
     us: torch.Tensor  # (d, d) float64: U·S, columns by decreasing singular value
     vh: torch.Tensor  # (d, d) float64: Vᵀ
     rank: int  # numerical rank of K − I at float32 resolution (at least 1)
@@ -103,10 +104,11 @@ def factor_operator(k: torch.Tensor) -> OperatorFactor:
     singular value below σ₁·eps₃₂ (fp32 encoder noise sits there).
     """
     k = k.to(torch.float64)
+    k_minus_i = k - torch.eye(k.shape[0], dtype=k.dtype)
     with one_thread():
-        u, s, vh = torch.linalg.svd(k - torch.eye(k.shape[0], dtype=k.dtype), full_matrices=False)
+        u, s, vh = torch.linalg.svd(k_minus_i, full_matrices=False)
     tol = s[0] * torch.finfo(torch.float32).eps if s.numel() else 0.0
-    return OperatorFactor(u * s, vh, max(1, int((s > tol).sum())))
+    return OperatorFactor(k_minus_i, u * s, vh, max(1, int((s > tol).sum())))
 
 
 def operator_lora_factors(
@@ -114,27 +116,35 @@ def operator_lora_factors(
 ) -> LoraFactors:
     """One layer's factors of ΔW = W_old(K − I) from its group's shared factor: one GEMM, no SVD.
 
+    Exact (``rank`` None): ``up = W_old U_r S_r``, ``down = V_rᵀ`` when the operator's rank r is
+    at most the layer's d_out; a layer narrower than r is ΔW itself, ``up = I``, ``down = ΔW``
+    (rank d_out, as its own SVD would give). Truncated: the best rank-``rank`` approximation of
+    ΔW, from a thin SVD of the d_out × r product (not of ΔW).
+
     Args:
         w_old: the layer's weight on the group's columns (d_out, d), any dtype (used in float64).
         factor: the group's ``factor_operator(K)``.
-        rank: keep this many directions (the best rank-``rank`` approximation of ΔW, from a thin
-            SVD of the d_out × r product); None keeps the operator's exact rank.
+        rank: keep this many directions; None keeps the exact rank.
 
     Returns:
         float32 factors and the relative Frobenius error of ``up·down`` against W_old(K − I).
     """
-    r = factor.rank
-    a = w_old.to(torch.float64) @ factor.us  # (d_out, d): ΔW = a · Vᵀ, Vᵀ orthonormal rows
+    w = w_old.to(torch.float64)
+    d_out, r = w.shape[0], factor.rank
+    if rank is None and r > d_out:
+        delta = w @ factor.k_minus_i  # (d_out, d)
+        up = torch.eye(d_out, dtype=torch.float32)
+        return LoraFactors(up, delta.to(torch.float32).contiguous(), d_out, 0.0)
+    a = w @ factor.us  # (d_out, d): ΔW = a · Vᵀ, Vᵀ orthonormal rows
     total = float((a**2).sum())
     dropped = float((a[:, r:] ** 2).sum())  # below float32 resolution by construction
-    if rank is None and r <= a.shape[0]:
+    if rank is None:
         up, down = a[:, :r], factor.vh[:r]
-    else:  # truncated, or wider than the layer: the best rank-k part of (a_r · V_rᵀ)
+    else:
         with one_thread():
             p, sig, qh = torch.linalg.svd(a[:, :r], full_matrices=False)
         tol = sig[0] * torch.finfo(torch.float32).eps if sig.numel() else 0.0
-        exact = int((sig > tol).sum())
-        r = max(1, exact if rank is None else min(rank, exact))
+        r = max(1, min(rank, int((sig > tol).sum())))
         dropped += float((sig[r:] ** 2).sum())
         up, down = p[:, :r] * sig[:r], qh[:r] @ factor.vh[: qh.shape[1]]
     rel = (dropped / total) ** 0.5 if total > 0 else 0.0

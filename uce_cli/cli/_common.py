@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 import typer
 
 from uce_cli.errors import RecipeError, UceError, UceWarning
+from uce_cli.threads import use_threads
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,6 +52,25 @@ DtypeOpt = Annotated[
 ]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bars or status on stderr.")
+]
+
+
+def _set_threads(threads: int | None) -> int | None:
+    """Apply the thread count once, while the command line is parsed (before torch is loaded)."""
+    use_threads(threads)
+    return threads
+
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        envvar="UCE_THREADS",
+        callback=_set_threads,
+        help="CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may use — "
+        "its affinity and cgroup quota). On a machine shared with other jobs, 1 is often fastest.",
+    ),
 ]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")

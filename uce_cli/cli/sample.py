@@ -12,6 +12,7 @@ from uce_cli.cli._common import (
     Dtype,
     JsonOpt,
     QuietOpt,
+    ThreadsOpt,
     handle_errors,
     print_error,
     print_json,
@@ -145,6 +146,7 @@ def sample(
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per pipeline call.")
     ] = 1,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Sample images from a model or an edit; with --compare, base and edited side by side.
