@@ -5,6 +5,17 @@ from __future__ import annotations
 import os
 import sys
 
+from uce_cli.interrupt import interrupted, stop_listening, watch_sigint
+
+watch_sigint()  # first: a Ctrl-C from here on is reported as an interruption, whatever it breaks
+
+
+def _exit_interrupted() -> None:
+    stop_listening()
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
+
+
 # Loading the CLI (Typer, Rich, pydantic) takes a noticeable moment: Ctrl-C then is an
 # interruption like any other, not a traceback.
 try:
@@ -21,8 +32,11 @@ try:
     from uce_cli.cli.validate import validate
     from uce_cli.cli.verify import verify
 except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
+    _exit_interrupted()
+except Exception as _exc:  # a module left half-imported by a Ctrl-C
+    if not interrupted(_exc):
+        raise
+    _exit_interrupted()
 
 # Third-party chatter (download bars, backend notices) would bury uce's own stderr; errors still show.
 for _var, _value in (
@@ -68,5 +82,8 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # outside a command's own error boundary
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        _exit_interrupted()
+    except Exception as exc:
+        if not interrupted(exc):
+            raise
+        _exit_interrupted()

@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 import typer
 
 from uce_cli.errors import RecipeError, UceError, UceWarning
+from uce_cli.interrupt import interrupted, stop_listening
 from uce_cli.threads import use_threads
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -131,7 +132,14 @@ def handle_errors(func: F) -> F:
         debug = os.environ.get("UCE_DEBUG", "") not in ("", "0")
         try:
             with warnings_as_lines():
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                except (typer.Exit, typer.Abort, typer.BadParameter):
+                    raise
+                except Exception as exc:  # after a Ctrl-C: a half-imported module, a swallowed one
+                    if interrupted(exc):
+                        raise KeyboardInterrupt from exc
+                    raise
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise  # Typer renders these itself (exit 0/1, or 2 for usage errors)
         except (UceError, RecipeError) as exc:
@@ -154,6 +162,9 @@ def handle_errors(func: F) -> F:
             )
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:  # a long run may say how far it got
+            stop_listening()
+            if debug:
+                traceback.print_exc()
             print_error(str(exc) or "interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:
