@@ -15,6 +15,7 @@ import threading
 from types import FrameType
 
 _received = False
+_reported = False
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -46,7 +47,14 @@ def interrupted(exc: BaseException | None = None) -> bool:
     return False
 
 
-def stop_listening() -> None:
-    """Ignore further Ctrl-C while the process reports the interruption and exits."""
+def stop_listening() -> bool:
+    """Ignore further Ctrl-C while the process reports the interruption and exits.
+
+    Returns:
+        True the first time (nobody has reported the interruption yet), False after.
+    """
+    global _reported
+    first, _reported = not _reported, True
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return first

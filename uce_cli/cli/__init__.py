@@ -23,6 +23,7 @@ try:
 
     from uce_cli import __version__
     from uce_cli.cli._common import CONTEXT_SETTINGS
+    from uce_cli.cli._group import UceGroup
     from uce_cli.cli.apply import apply
     from uce_cli.cli.eval import eval_
     from uce_cli.cli.merge import merge
@@ -52,6 +53,7 @@ app = typer.Typer(
     help="Unified Concept Editing: erase, moderate, debias and preserve concepts in text-to-image "
     "diffusion models, in closed form.",
     no_args_is_help=True,
+    cls=UceGroup,
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,

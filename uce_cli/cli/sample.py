@@ -18,6 +18,7 @@ from uce_cli.cli._common import (
     print_json,
 )
 from uce_cli.console import RichProgress, err, out, plural
+from uce_cli.interrupt import stop_listening
 from uce_cli.weights.destination import check_sample_out
 
 
@@ -227,6 +228,7 @@ def _run(
                 rows, out_dir, model, edit, compare, SampleOptions(**options), progress, ranks
             )
     except KeyboardInterrupt:
+        stop_listening()
         print_error(f"interrupted — the images already written stay in {out_dir}; rerun to resume")
         raise typer.Exit(130) from None
     if result.share is not None:
