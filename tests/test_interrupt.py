@@ -123,3 +123,24 @@ def test_an_import_error_raised_while_handling_ctrl_c_is_the_interruption() -> N
     except ImportError as exc:
         assert exc.__context__ is not None and interrupted(exc)
     assert not interrupted(ModuleNotFoundError("No module named 'x'"))
+
+
+def test_importing_and_running_in_process_keeps_the_callers_ctrl_c(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only the uce program installs its handler: a process that imports uce (here pytest) keeps
+    its own, also after a command in it was interrupted."""
+    from typer.testing import CliRunner
+
+    import uce_cli.cli._common as common
+    from uce_cli.cli import app
+
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupted_check(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "warnings_as_lines", interrupted_check)
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted"
+    assert signal.getsignal(signal.SIGINT) is before

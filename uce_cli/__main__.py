@@ -4,7 +4,10 @@ import sys
 
 
 def run() -> None:
-    """Load the CLI and run it; Ctrl-C before its own handler is in place is an interruption too."""
+    """Load the CLI and run it; a Ctrl-C while it loads is an interruption too."""
+    from uce_cli.interrupt import watch_sigint
+
+    watch_sigint()  # first: a Ctrl-C from here on is reported as an interruption, whatever it breaks
     try:
         from uce_cli.cli import main
     except KeyboardInterrupt:

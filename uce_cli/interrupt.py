@@ -26,7 +26,11 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 
 
 def watch_sigint() -> None:
-    """Install the remembering handler in place of Python's default one (main thread only)."""
+    """Install the remembering handler in place of Python's default one (main thread only).
+
+    Called by the ``uce`` program's entry points, never on import: a process that only imports
+    uce keeps its own Ctrl-C handling.
+    """
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -55,6 +59,10 @@ def stop_listening() -> bool:
     """
     global _reported
     first, _reported = not _reported, True
-    if threading.current_thread() is threading.main_thread():
+    # only in the uce program (its handler in place): a caller's own process keeps its Ctrl-C
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is _on_sigint
+    ):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     return first

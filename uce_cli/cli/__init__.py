@@ -7,8 +7,6 @@ import sys
 
 from uce_cli.interrupt import interrupted, stop_listening, watch_sigint
 
-watch_sigint()  # first: a Ctrl-C from here on is reported as an interruption, whatever it breaks
-
 
 def _exit_interrupted() -> None:
     stop_listening()
@@ -81,6 +79,7 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
+    watch_sigint()  # a Ctrl-C from here on is reported as an interruption, whatever it breaks
     try:
         app()
     except KeyboardInterrupt:  # outside a command's own error boundary
