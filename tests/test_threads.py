@@ -126,3 +126,23 @@ def test_threads_zero_is_a_usage_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "--threads" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_process_with_torch_loaded_keeps_its_threads_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Running a command in a process that set its own count (tests, a host program) changes
+    neither that count nor the environment its later children inherit; --threads still applies."""
+    import torch
+
+    for name in THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert threads.use_threads(None) == 1 and torch.get_num_threads() == 1
+        assert not any(name in os.environ for name in THREAD_VARS)
+        if (os.cpu_count() or 1) > 1:
+            assert threads.use_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

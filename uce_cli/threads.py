@@ -8,8 +8,8 @@ CPUs it may actually run on; ``--threads`` (or ``UCE_THREADS``) overrides that, 
 ``OMP_NUM_THREADS`` already in the environment is respected. The count is deterministic for a
 machine (not taken from its load), so the same command gives the same bytes run after run.
 
-Nothing here imports torch: the count goes into the environment before torch is loaded (and into
-the processes uce starts), and into torch itself when it is already loaded.
+Nothing here imports torch: at start-up the count goes into the environment, before torch loads;
+a process that loaded torch already keeps its own count unless one is given.
 """
 
 from __future__ import annotations
@@ -68,15 +68,22 @@ def default_threads() -> int:
 
 
 def use_threads(threads: int | None) -> int:
-    """Set the CPU thread count of this process (and of the processes it starts); return it.
+    """Set the CPU thread count of this process; return it.
+
+    At start-up (torch not loaded yet) the count goes into the environment, where torch reads it
+    when it loads. A process that loaded torch before (a program that runs uce's commands in
+    itself, the tests) keeps its own setting unless ``threads`` is given, and its environment is
+    left alone: nothing leaks into the processes it starts later.
 
     Args:
         threads: the count, or None for ``default_threads()``.
     """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return torch.get_num_threads()
     count = default_threads() if threads is None else threads
     for name in THREAD_VARS:
         os.environ[name] = str(count)
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != count:
-        torch.set_num_threads(count)
     return count
