@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -69,7 +70,7 @@ def fake_uce_output(folder: Path, files: dict[str, str] | None = None) -> Path:
         "schema": 1,
         "versions": {"uce": "0.1.0"},
         "layers": {},
-        "outputs": dict.fromkeys(files, "x"),
+        "outputs": {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in files.items()},
     }
     (folder / "edit_log.json").write_text(json.dumps(log))
     return folder
@@ -144,19 +145,26 @@ def test_force_replaces_uce_output(tiny_model: Path, tmp_path: Path) -> None:
     assert debris(tmp_path) == []
 
 
-def test_force_replaces_an_evaluated_run_but_not_a_foreign_eval_folder(
+def test_force_refuses_an_evaluated_run_naming_its_eval_folder(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    """`uce eval RUN` writes RUN/eval/: that run stays replaceable; an eval/ uce did not write
-    (no uce eval report in it) is foreign like any other file."""
+    """Issue 19 §13/§11: `uce eval RUN` writes RUN/eval/, which the run's edit log does not list:
+    `apply --force` refuses it, naming eval/ (it used to delete it silently, and with it any user
+    file put under eval/ once eval.json looked like a uce report)."""
     recipe = write_recipe(tmp_path, recipe_for(tiny_model))
     out = tmp_path / "out"
     assert run("apply", recipe, "--out", out, "--quiet", "--device", "cpu").exit_code == 0
     assert run("eval", out, "--quiet", "--no-plots", "--device", "cpu").exit_code == 0
-    assert (out / "eval" / "eval.json").is_file()
+    (out / "eval" / "my-notes.md").write_text("mine")
+    before = snapshot(out)
+    result = run("apply", recipe, "--out", out, "--force", "--quiet", "--device", "cpu")
+    assert_error(result, "holds eval/, the `uce eval` report of that run, which --force does not")
+    assert snapshot(out) == before and debris(tmp_path) == []
+    shutil.move(out / "eval", tmp_path / "kept-eval")
     result = run("apply", recipe, "--out", out, "--force", "--quiet", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "eval").exists() and debris(tmp_path) == []
+    assert f"warning: --force: replacing the uce output {out}" in result.stderr  # said, not silent
+    assert (tmp_path / "kept-eval" / "my-notes.md").read_text() == "mine"
     (out / "eval").mkdir()
     (out / "eval" / "eval.json").write_text('{"schema": 1}')
     assert_error(
@@ -252,7 +260,7 @@ def test_readonly_out_clean_error(
     recipe = write_recipe(tmp_path, recipe_for(tiny_model))
     out = fake_uce_output(tmp_path / "out")
     before = snapshot(out)
-    real_mkdtemp, real_copyfile = tempfile.mkdtemp, shutil.copyfile
+    real_mkdtemp = tempfile.mkdtemp
     real_rename, real_replace = os.rename, os.replace
 
     def mkdtemp(*args: object, **kwargs: object) -> str:
@@ -260,27 +268,30 @@ def test_readonly_out_clean_error(
             raise OSError(code, text, str(kwargs.get("dir")))
         return real_mkdtemp(*args, **kwargs)  # type: ignore[arg-type]
 
-    def copyfile(src: object, dst: object, **kwargs: object) -> object:
-        if where == "writing" and ".uce-tmp-" in str(dst):
-            raise OSError(code, text, str(dst))
-        return real_copyfile(src, dst, **kwargs)  # type: ignore[arg-type]
+    def sendfile(*args: object) -> int:
+        # a full disk while copying the base's files into the output (shutil.copyfile and uce's
+        # copy both go through sendfile; shutil then names the *source* file first)
+        raise OSError(code, text)
 
     def renamer(real: object) -> object:
-        def rename(src: object, dst: object) -> None:
+        def rename(src: object, dst: object, **kwargs: object) -> None:
             if where == "rename" and Path(str(src)).name.startswith(".out.uce-tmp-"):
                 raise OSError(code, text, str(src), None, str(dst))
-            real(src, dst)  # type: ignore[operator]
+            real(src, dst, **kwargs)  # type: ignore[operator]
 
         return rename
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    if where == "writing":
+        monkeypatch.setattr(os, "sendfile", sendfile)
     monkeypatch.setattr(os, "rename", renamer(real_rename))
     monkeypatch.setattr(os, "replace", renamer(real_replace))
     result = run("apply", recipe, "--out", out, "--force", "--quiet", "--device", "cpu")
     assert_error(result, f"error: cannot write {out}: {text} — nothing was written")
     assert "the existing output is unchanged" in result.stderr
-    assert len(result.stderr.splitlines()) == 1
+    assert str(tiny_model) not in result.stderr  # the output is named, not the base's file
+    lines = [line for line in result.stderr.splitlines() if "--force: replacing" not in line]
+    assert len(lines) == 1, lines
     assert snapshot(out) == before
     assert debris(tmp_path) == []
 
@@ -356,14 +367,17 @@ def test_cache_unwritable_warns(
 ) -> None:
     monkeypatch.setenv("UCE_CACHE_DIR", str(tmp_path / "cache"))
     recipe = write_recipe(tmp_path, recipe_for(tiny_model))
-    real_mkstemp = tempfile.mkstemp
+    real_open = os.open
 
-    def full(*args: object, **kwargs: object) -> tuple[int, str]:
-        if "preserve" in str(kwargs.get("dir")):
-            raise OSError(errno.ENOSPC, "No space left on device", str(kwargs.get("dir")))
-        return real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
+    def full(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        # the preserve entry's temporary file becomes /dev/full: its write fails with ENOSPC
+        folder = kwargs.get("dir_fd")
+        where = os.readlink(f"/proc/self/fd/{folder}") if isinstance(folder, int) else ""
+        if where.endswith("/preserve") and str(path).endswith(".uce-tmp"):
+            return real_open("/dev/full", os.O_WRONLY)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(tempfile, "mkstemp", full)
+    monkeypatch.setattr(os, "open", full)
     out = tmp_path / "out"
     result = run("apply", recipe, "--out", out, "--quiet", "--device", "cpu")
     assert result.exit_code == 0, result.stderr

@@ -4,6 +4,10 @@ Without a launch (no ``WORLD_SIZE`` above 1 in the environment) a run is rank 0 
 collective is the identity, and ``accelerate`` is never imported. Under ``accelerate launch`` (or
 ``torchrun``) accelerate's ``PartialState`` forms the process group; on the CPU it must be made
 with ``cpu=True``, or the processes do not form a gloo group (measured with accelerate 1.15).
+
+A launcher sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
+together. A ``WORLD_SIZE`` above 1 without the others (a stray variable left in a shell) is not a
+launch: the process would wait forever for ranks that never start, so it is refused up front.
 """
 
 from __future__ import annotations
@@ -12,15 +16,42 @@ import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from uce_cli.errors import UceError
+
 T = TypeVar("T")
 
 
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched_world() -> int:
-    """The number of processes the launcher started (1 when uce was not launched)."""
+    """The number of processes the launcher started (1 when uce was not launched).
+
+    Raises:
+        UceError: ``WORLD_SIZE`` says more than one process, but the rest of a launch is missing
+            or out of range (module docstring) — before anything waits for the other ranks.
+    """
     try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
         return 1
+    if world == 1:
+        return 1
+    missing = [name for name in LAUNCH_VARIABLES if not os.environ.get(name)]
+    rank = os.environ.get("RANK", "")
+    problem = ""
+    if missing:
+        problem = f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set"
+    elif not (rank.isdigit() and int(rank) < world):
+        problem = f"RANK={rank} is not one of its ranks"
+    if problem:
+        raise UceError(
+            f"WORLD_SIZE={world} is set, but {problem}: this is not a complete `accelerate "
+            "launch`/`torchrun` launch, and the run would wait forever for the other ranks — "
+            "unset WORLD_SIZE (and MASTER_ADDR/MASTER_PORT) for a plain run, or start it with "
+            "`accelerate launch`"
+        )
+    return world
 
 
 def launched_rank() -> int:

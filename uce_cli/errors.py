@@ -35,5 +35,17 @@ class DataError(UceError):
     """A concept or prompt file cannot be read or fetched."""
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """True for Ctrl-C, including one pydantic-core wrapped while it built a validator.
+
+    A KeyboardInterrupt raised while pydantic-core builds a model's validator (at import, when
+    the CLI's models are defined) comes out as a ``SchemaError`` whose message names it: that is
+    still the user pressing Ctrl-C, not a bug.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    return type(exc).__name__ == "SchemaError" and "KeyboardInterrupt" in str(exc)
+
+
 class UceWarning(UserWarning):
     """Something the user should know that does not stop the run; the CLI prints ``warning: …``."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,22 +9,21 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from uce_cli.safe_files import open_new
+
 GRID_MIN_PANEL = 256  # grid panels are upscaled (nearest) to at least this many pixels
 
 
-def write_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
-    """Write a PNG with ``text`` chunks atomically (temporary file in the same folder, then rename)."""
+def write_png(
+    image: Image.Image, path: Path, text: dict[str, str], root: Path | None = None
+) -> None:
+    """Write a PNG with ``text`` chunks atomically, never through a link (``safe_files.open_new``;
+    ``root``: the output folder, below which every folder must be uce's own)."""
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)  # non-Latin-1 values become iTXt (UTF-8) chunks
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open_new(path, root) as f:
+        image.save(f, format="PNG", pnginfo=info)
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,41 @@
-"""Where uce keeps its cache (tiny model, fetched data files, preserve statistics)."""
+"""Where uce keeps its cache (tiny model, fetched data files, preserve statistics), and ``~`` in paths."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from uce_cli.errors import UceError
+from uce_cli.errors import RecipeError, UceError
 
 CACHE_ENV = "UCE_CACHE_DIR"
+
+
+def expand_home(path: str | os.PathLike[str], what: str, error: type[UceError] = UceError) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded.
+
+    Raises:
+        UceError: (or ``error``) naming ``what`` when no home directory is known (``HOME`` unset,
+            no such user).
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        message = (
+            f"{what} {str(path)!r}: cannot expand '~' — no home directory is known for it (HOME "
+            "unset, or no such user); write the path in full"
+        )
+        raise (error([message]) if issubclass(error, RecipeError) else error(message)) from None
 
 
 def cache_dir() -> Path:
     """Return the uce cache folder: ``$UCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/uce``, else ``~/.cache/uce``."""
     explicit = os.environ.get(CACHE_ENV)
     if explicit:
-        return Path(explicit).expanduser()
+        return expand_home(explicit, CACHE_ENV)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    if xdg:
+        return expand_home(xdg, "XDG_CACHE_HOME") / "uce"
+    base = expand_home("~", f"the uce cache (set {CACHE_ENV})") / ".cache"
     return base / "uce"
 
 

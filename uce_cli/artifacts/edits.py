@@ -87,7 +87,30 @@ def load_edit_tensors(path: Path, base: BaseModelFiles) -> EditTensors:
                 f"--edit {path}: unknown edit format {fmt!r} — uce sample reads {DELTA_FORMAT} files "
                 "(edit.safetensors) and output folders of `uce apply`"
             )
+    check_edit_values(path, tensors)
     return EditTensors(path, tensors, tensors_sha256(tensors))
+
+
+def check_edit_values(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse an edit whose tensors are not floating point or hold NaN/inf: swapped into the
+    model, they would be rounded or would turn every image into noise without a word.
+
+    Raises:
+        UceError: naming the file, the tensor and its dtype or count of non-finite values.
+    """
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not t.is_floating_point() or t.element_size() < 2:
+            raise UceError(
+                f"--edit {path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, not a "
+                "float32/float16/bfloat16/float64 weight — not an edit uce wrote"
+            )
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise UceError(
+                f"--edit {path}: tensor {key} holds {bad} NaN/inf value(s) — the edit is corrupt; "
+                "re-run `uce apply`"
+            )
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -7,7 +7,6 @@ read with ``torch.load(weights_only=True)``, which restores tensors and plain co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ from uce_cli.artifacts.outputs import digest_of, tensor_digests
 from uce_cli.errors import EditFileError  # noqa: F401 - re-exported for the formats
 from uce_cli.weights.files import (  # noqa: F401 - the pickle rules, re-exported for the formats
     PICKLE_SUFFIXES,
+    index_shards,
     is_pickle,
     load_pickle,
     read_header,
@@ -84,8 +84,7 @@ def text_encoder_weights_sha256(root: Path, family: Family | None = None) -> str
     for folder in folders:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            files = [folder / s for s in shards]
+            files = index_shards(index)
         else:
             files = sorted(folder.glob("*.safetensors"))
         if not files:

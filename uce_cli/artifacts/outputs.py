@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from uce_cli.errors import OutputError
 from uce_cli.families.model import BaseModelFiles
+from uce_cli.safe_files import copy_file, copy_into, create_dir, open_new, write_file
 from uce_cli.weights.destination import (  # noqa: F401  (the destination rules, re-exported for writers)
     EDIT_LOG_FILE,
     abandon_stage,
@@ -158,8 +158,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> list[str]:
     """Copy ``src`` to ``dst`` and overwrite the bytes of the tensors in ``new`` in place.
 
-    The copy is the kernel's (``shutil.copyfile``: several times faster than copying through
-    Python); shapes and dtypes must match the file's, so the header and every offset stay the same
+    The copy is the kernel's (``sendfile``: several times faster than copying through Python),
+    into a new file (``uce_cli.safe_files``: never through a link); shapes and dtypes must match the file's, so the header and every offset stay the same
     and every other tensor is bit-identical.
 
     Returns:
@@ -179,8 +179,8 @@ def patch_safetensors(src: Path, dst: Path, new: dict[str, torch.Tensor]) -> lis
                 f"{tuple(entry['shape'])} {entry['dtype']} slot"
             )
         spans.append((data_start + begin, payload, key))
-    shutil.copyfile(src, dst)
-    with dst.open("r+b") as f:
+    with open_new(dst) as f:
+        copy_into(src, f, dst)
         for offset, payload, _ in sorted(spans):
             f.seek(offset)
             f.write(payload)
@@ -226,12 +226,12 @@ def write_diffusers(
             if src not in model.denoiser_files and not src.name.endswith(".index.json"):
                 continue
         dst = stage / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
         # A copy, never a hard link: rewriting an output file in place must not touch the base.
         if src in model.denoiser_files:
+            create_dir(dst.parent, stage)
             patch_safetensors(src, dst, new)
         else:
-            shutil.copyfile(src, dst)
+            copy_file(src, dst, stage)
             if hashes is not None and (digest := hashes.known(src)) is not None:
                 hashes.record(dst, digest)  # an unchanged copy has its source's hash
         written.append(rel)
@@ -247,7 +247,5 @@ def write_delta(path: Path, new: dict[str, torch.Tensor], metadata: dict[str, st
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write JSON (inside a staging folder, or atomically via a temp file and rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically, never through a link (``uce_cli.safe_files``)."""
+    write_file(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")

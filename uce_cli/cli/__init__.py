@@ -32,8 +32,10 @@ try:
     from uce_cli.cli.verify import verify
 except KeyboardInterrupt:
     _exit_interrupted()
-except Exception as _exc:  # a module left half-imported by a Ctrl-C
-    if not interrupted(_exc):
+except Exception as _exc:  # a module left half-imported by a Ctrl-C, or one pydantic-core wrapped
+    from uce_cli.errors import is_interrupt
+
+    if not (interrupted(_exc) or is_interrupt(_exc)):
         raise
     _exit_interrupted()
 

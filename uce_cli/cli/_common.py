@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 
 import typer
 
-from uce_cli.errors import RecipeError, UceError, UceWarning
+from uce_cli.errors import RecipeError, UceError, UceWarning, is_interrupt
 from uce_cli.interrupt import interrupted, stop_listening
 from uce_cli.threads import use_threads
 
@@ -137,7 +137,7 @@ def handle_errors(func: F) -> F:
                 except (typer.Exit, typer.Abort, typer.BadParameter):
                     raise
                 except Exception as exc:  # after a Ctrl-C: a half-imported module, a swallowed one
-                    if interrupted(exc):
+                    if interrupted(exc) or is_interrupt(exc):
                         raise KeyboardInterrupt from exc
                     raise
         except (typer.Exit, typer.Abort, typer.BadParameter):
@@ -168,6 +168,9 @@ def handle_errors(func: F) -> F:
             print_error(str(exc) or "interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:
+            if is_interrupt(exc):  # Ctrl-C that pydantic-core wrapped in a SchemaError
+                print_error("interrupted")
+                raise typer.Exit(130) from None
             _internal_error(exc, debug)
 
     return wrapper  # type: ignore[return-value]

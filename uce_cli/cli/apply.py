@@ -26,7 +26,7 @@ from uce_cli.cli.merge import (
 )
 from uce_cli.console import RichProgress, err, out, plural, silence_third_party
 from uce_cli.distributed import init_ranks, launched_rank, launched_world
-from uce_cli.edit.plan import override_model, plan_recipe
+from uce_cli.edit.plan import check_loop_work, override_model, plan_recipe
 from uce_cli.errors import OutputError
 from uce_cli.weights.hub import check_hub_model
 from uce_cli.weights.modelspec import is_hub_id
@@ -63,6 +63,14 @@ def _render_dry_run(report: dict) -> None:
         f"λ={report['lambda']:g} s_e={report['erase_scale']:g} "
         f"s_p={report['preserve_scale']:.4g}; projections {', '.join(report['projections'])}"
     )
+    work = report.get("debias_loop_work")
+    if work is not None:
+        out.print(
+            f"debias loop: at most {work['rounds']} rounds × {work['prompts']} prompts × "
+            f"{work['images_per_prompt']} images × {work['steps']} steps = "
+            f"{work['image_steps']:,} image sampling steps (ceiling {work['ceiling']:,}; "
+            "--allow-long runs beyond it)"
+        )
     vectors = report["vectors"]
     if not isinstance(vectors, dict):
         out.print(f"vectors: {vectors}")
@@ -119,6 +127,14 @@ def apply(
     formats: FormatOpt = None,
     lora_rank: LoraRankOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    allow_long: Annotated[
+        bool,
+        typer.Option(
+            "--allow-long",
+            help="Run a debias loop whose work at most (rounds × prompts × images × steps) is "
+            "beyond the ceiling --dry-run shows.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
@@ -142,6 +158,7 @@ def apply(
         err.print(f"rank 0/{world}: uce apply is one process — running on rank 0 only")
     # --format replaces output.formats
     plan.formats = chosen_formats(formats, plan.formats, lora_rank)
+    check_loop_work(plan, allow_long)
     if dry_run:
         from uce_cli.commands.apply import describe_plan
 
@@ -185,6 +202,7 @@ def apply(
             allow_pickle=allow_pickle,
             on_iteration=on_iteration,
             ranks=ranks,
+            allow_long=allow_long,
         )
     if result is None:  # a rank other than 0 of the debias loop: rank 0 reports
         return

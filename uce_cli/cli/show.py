@@ -12,6 +12,7 @@ from uce_cli.artifacts.editlog import read_edit_log
 from uce_cli.cli._common import JsonOpt, handle_errors, print_json
 from uce_cli.console import out
 from uce_cli.errors import UceError
+from uce_cli.safe_files import open_new
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -169,8 +170,8 @@ def write_ratio_plot(debias: dict, path: Path) -> None:
     axes[0][0].set_ylabel("ratio of images (CLIP)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with open_new(path) as f:  # never through a link (uce_cli.safe_files)
+        fig.savefig(f, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
 
 

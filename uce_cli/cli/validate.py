@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,7 @@ import typer
 
 from uce_cli.cli._common import JsonOpt, handle_errors, print_error, print_json
 from uce_cli.console import plural
-from uce_cli.edit.plan import plan_recipe
+from uce_cli.edit.plan import check_loop_work, plan_recipe
 from uce_cli.errors import RecipeError, UceError
 
 
@@ -44,6 +45,11 @@ def validate(
             results.append({"recipe": str(path), "ok": False, "problems": [str(exc)]})
             continue
         summary = plan.summary()
+        try:  # valid, but `uce apply` runs it only with --allow-long: say so now
+            check_loop_work(plan)
+        except RecipeError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
+            summary["needs_allow_long"] = True
         results.append({"recipe": str(path), "ok": True, **summary})
         if not json_out and not quiet:
             print(

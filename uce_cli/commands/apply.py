@@ -31,7 +31,7 @@ from uce_cli.artifacts.outputs import (
 )
 from uce_cli.distributed import Ranks
 from uce_cli.edit.cache import preserve_key
-from uce_cli.edit.plan import EditPlan, operator_refusal
+from uce_cli.edit.plan import EditPlan, check_loop_work, loop_work, operator_refusal
 from uce_cli.edit.solve import Scales, operator_rank, solve_edit
 from uce_cli.edit.stats import EditStats, collect_statistics
 from uce_cli.errors import OutputError, UceError
@@ -96,6 +96,7 @@ def run_apply(
     classifier: Callable[[list[Any], list[str]], torch.Tensor] | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     ranks: Ranks | None = None,
+    allow_long: bool = False,
 ) -> ApplyResult | None:
     """Run a resolved plan end to end and write its outputs atomically.
 
@@ -116,10 +117,12 @@ def run_apply(
         on_iteration: receives each debias-loop iteration's record as it completes.
         ranks: under ``accelerate launch``, every rank samples its share of the debias loop's
             images; only rank 0 writes the outputs (the others return None).
+        allow_long: run a debias loop beyond ``MAX_LOOP_WORK`` (``uce apply --allow-long``).
 
     Raises:
         UceError: any problem a user can fix (model, solve, output).
     """
+    check_loop_work(plan, allow_long)
     progress = progress or NullProgress()
     out = out or plan.output_dir
     if out is None:
@@ -494,6 +497,8 @@ def describe_plan(plan: EditPlan, first: int = 3) -> dict[str, Any]:
         "first_pairs": {},
         "first_preserve": plan.preserve[:first],
     }
+    if (work := loop_work(plan)) is not None:
+        report["debias_loop_work"] = work
     for pair in plan.pairs:
         shown = report["first_pairs"].setdefault(pair.section, [])
         if len(shown) < first:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +42,18 @@ from uce_cli.artifacts.pipeline import image_size, load_pipeline, resolve_schedu
 from uce_cli.distributed import Ranks
 from uce_cli.edit.prompts import MAX_SEED, PromptRow, file_stem
 from uce_cli.errors import OutputError, UceError
-from uce_cli.families.model import open_model, pick_device, pick_dtype, same_or_inside
+from uce_cli.families.model import (
+    BaseModelFiles,
+    open_model,
+    pick_device,
+    pick_dtype,
+    same_or_inside,
+)
 from uce_cli.grid import make_grid, write_png
+from uce_cli.paths import expand_home
 from uce_cli.progress import NullProgress, Progress
-from uce_cli.weights.destination import check_sample_out
+from uce_cli.safe_files import check_no_links, link_refusal, write_json
+from uce_cli.weights.destination import check_sample_out, lock_sample_out, unlock_sample_out
 
 MANIFEST_FILE = "manifest.json"
 RANK_MANIFEST_GLOB = "manifest.rank-*.json"  # one per rank of a launched run, until rank 0 merges
@@ -166,8 +173,11 @@ def run_sample(
     if not rows:
         raise UceError("no prompts to sample — give --prompt or --prompts-file")
     _check_options(options)
-    out = Path(out).expanduser()
+    out = expand_home(out, "--out", OutputError)
     check_sample_out(out)  # a file, or a manifest.json uce did not write, is refused
+    roles = ROLES if compare else (("edited",) if edit is not None else ("base",))
+    for sub in (*roles, "grids"):  # uce's own folders: a link there would take the images away
+        check_no_links(out / sub, out)
     warnings: list[str] = []
 
     progress.start("load model")
@@ -197,6 +207,7 @@ def run_sample(
         )
     scheduler_cls = resolve_scheduler(options.scheduler, base.root)
     height, width = image_size(base.root, options.height, options.width, base.denoiser)
+    _check_family_settings(base, options, scheduler_cls.__name__, height, width)
     device = pick_device(options.device)
     if ranks.distributed and device.type == "cuda":
         device = ranks.state.device  # this rank's GPU, as accelerate assigned it
@@ -216,49 +227,70 @@ def run_sample(
         "uce_version": __version__,
     }
     edit_fields = {"edit": str(edit), "edit_sha256": loaded_edit.sha256} if loaded_edit else {}
-    mine = ranks.share(list(enumerate(rows)))
-    jobs = _plan_jobs(mine, roles, out, options, common, edit_fields)
-    _mark_done(jobs)
-    if compare:
-        _refuse_foreign_grids([row for _, row in mine], out)
-    todo = [j for j in jobs if not j.done]
-    progress.finish()
-
-    seconds = 0.0
+    # The folder is locked only now that the input is valid: a refused run creates nothing.
+    run_id = _lock(out, ranks)
     try:
-        if todo:
-            progress.start("load pipeline")
-            pipe = load_pipeline(base.root, scheduler_cls, device, dtype, base.denoiser)
-            progress.finish()
-            t0 = time.perf_counter()
-            _generate(
-                pipe, base.denoiser, todo, loaded_edit, options, height, width, progress,
-                base.family.sample_kwargs() if base.family is not None else {},
-            )  # fmt: skip
-            seconds = time.perf_counter() - t0
-        grids = _write_grids(mine, jobs, out, common, edit_fields) if compare else []
+        mine = ranks.share(list(enumerate(rows)))
+        jobs = _plan_jobs(mine, roles, out, options, common, edit_fields)
+        _mark_done(jobs)
+        if compare:
+            _refuse_foreign_grids([row for _, row in mine], out)
+        todo = [j for j in jobs if not j.done]
+        progress.finish()
+
+        seconds = 0.0
+        try:
+            if todo:
+                progress.start("load pipeline")
+                pipe = load_pipeline(base.root, scheduler_cls, device, dtype, base.denoiser)
+                progress.finish()
+                t0 = time.perf_counter()
+                _generate(
+                    pipe, base.denoiser, todo, loaded_edit, options, height, width, progress,
+                    base.family.sample_kwargs() if base.family is not None else {},
+                )  # fmt: skip
+                seconds = time.perf_counter() - t0
+            grids = _write_grids(mine, jobs, out, common, edit_fields) if compare else []
+        finally:
+            # Also after an interrupt: the manifest then lists what was drawn before it.
+            if out.is_dir():
+                if ranks.distributed:
+                    _write_rank_manifest(out, ranks.rank, jobs, common, edit_fields, run_id)
+                else:
+                    _write_manifest(out, jobs, common, edit_fields, run_id)
+        generated = sum(j.generated for j in jobs)
+        images = [(j.index, {"path": j.path.relative_to(out).as_posix(), **j.meta}) for j in jobs]
+        result = SampleResult(
+            out=out,
+            manifest=out / MANIFEST_FILE,
+            images=[entry for _, entry in images],
+            grids=grids,
+            generated=generated,
+            skipped=len(jobs) - generated,
+            seconds=seconds,
+            warnings=warnings,
+        )
+        if ranks.distributed:
+            result = _merge_ranks(result, images, ranks, common, edit_fields, run_id)
+        return result
     finally:
-        # Also after an interrupt: the manifest then lists what was drawn before it.
-        if out.is_dir():
-            if ranks.distributed:
-                _write_rank_manifest(out, ranks.rank, jobs, common, edit_fields)
-            else:
-                _write_manifest(out, jobs, common, edit_fields)
-    generated = sum(j.generated for j in jobs)
-    images = [(j.index, {"path": j.path.relative_to(out).as_posix(), **j.meta}) for j in jobs]
-    result = SampleResult(
-        out=out,
-        manifest=out / MANIFEST_FILE,
-        images=[entry for _, entry in images],
-        grids=grids,
-        generated=generated,
-        skipped=len(jobs) - generated,
-        seconds=seconds,
-        warnings=warnings,
-    )
+        if ranks.main:
+            unlock_sample_out(out, run_id)
+
+
+def _lock(out: Path, ranks: Ranks) -> str:
+    """Rank 0 takes the folder's lock; every rank learns the run id (or rank 0's refusal)."""
+    outcome: tuple[str, str] = ("", "")
+    if ranks.main:
+        try:
+            outcome = ("run", lock_sample_out(out))
+        except OutputError as exc:
+            outcome = ("error", str(exc))
     if ranks.distributed:
-        result = _merge_ranks(result, images, ranks, common, edit_fields)
-    return result
+        outcome = ranks.broadcast(outcome)
+    if outcome[0] == "error":
+        raise OutputError(outcome[1])
+    return outcome[1]
 
 
 def _merge_ranks(
@@ -267,6 +299,7 @@ def _merge_ranks(
     ranks: Ranks,
     common: dict[str, str],
     edit_fields: dict[str, str],
+    run_id: str,
 ) -> SampleResult:
     """Every rank's images and totals on every rank; rank 0 merges the manifests.
 
@@ -276,7 +309,7 @@ def _merge_ranks(
     parts = ranks.gather((images, mine.grids, mine.generated, mine.seconds))
     merged = sorted((entry for part in parts for entry in part[0]), key=lambda e: e[0])
     if ranks.main:
-        _write_manifest(mine.out, [], common, edit_fields)
+        _write_manifest(mine.out, [], common, edit_fields, run_id)
     ranks.barrier()  # nobody returns (and reads manifest.json) before rank 0 has written it
     generated = sum(part[2] for part in parts)
     return SampleResult(
@@ -314,6 +347,28 @@ def _check_options(o: SampleOptions) -> None:
         )
     if problems:
         raise UceError("\n".join(problems))
+
+
+def _check_family_settings(
+    base: BaseModelFiles, o: SampleOptions, scheduler: str, height: int, width: int
+) -> None:
+    """Refuse a size or step count the family's pipeline would reject deep inside its call."""
+    family = base.family
+    if family is None:
+        return
+    multiple = family.size_multiple
+    for name, value, given in (("height", height, o.height), ("width", width, o.width)):
+        if value % multiple:
+            what = (
+                f"--{name} {value}" if given is not None else f"the model's default {name} {value}"
+            )
+            raise UceError(
+                f"{what}: {family.label} pipelines need a height and width divisible by "
+                f"{multiple} — use e.g. --{name} {max(multiple, value // multiple * multiple)}"
+            )
+    refusal = family.sampling_refusal(o.steps, scheduler)
+    if refusal is not None:
+        raise UceError(refusal)
 
 
 def _plan_jobs(
@@ -354,6 +409,8 @@ def _mark_done(jobs: list[_Job]) -> None:
     """Mark jobs whose image exists with the same parameters; refuse one made differently."""
     clashes = []
     for job in jobs:
+        if job.path.is_symlink():  # never read or write an image through a link
+            raise OutputError(link_refusal(job.path))
         if not job.path.exists():
             continue
         try:
@@ -379,6 +436,8 @@ def _refuse_foreign_grids(rows: list[PromptRow], out: Path) -> None:
     """A grid this run may rewrite must be one uce drew (its PNG text has ``uce_version``)."""
     for row in rows:
         path = out / "grids" / f"{file_stem(row.case)}.png"
+        if path.is_symlink():
+            raise OutputError(link_refusal(path))
         if not (path.exists() or path.is_symlink()):
             continue
         try:
@@ -453,7 +512,7 @@ def _generate(
                     **family_kwargs,
                 ).images
                 for job, image in zip(batch, images, strict=True):
-                    write_png(image, job.path, job.meta)
+                    write_png(image, job.path, job.meta, job.path.parents[1])
                     job.done = job.generated = True
     finally:
         if saved is not None:
@@ -466,13 +525,7 @@ def _generate(
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_json(path, payload, root=path.parent)
 
 
 def _job_entries(out: Path, jobs: list[_Job]) -> dict[str, dict[str, str]]:
@@ -497,10 +550,26 @@ def _read_entries(out: Path, path: Path) -> dict[str, dict[str, str]]:
     return entries
 
 
+def _run_of(path: Path) -> str | None:
+    """The run id a rank manifest was written by, None if it is not a readable one."""
+    try:
+        if path.is_symlink():
+            return None
+        run = json.loads(path.read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return run if isinstance(run, str) else None
+
+
 def _write_rank_manifest(
-    out: Path, rank: int, jobs: list[_Job], common: dict[str, str], edit_fields: dict[str, str]
+    out: Path,
+    rank: int,
+    jobs: list[_Job],
+    common: dict[str, str],
+    edit_fields: dict[str, str],
+    run_id: str,
 ) -> Path:
-    """manifest.rank-<rank>.json: this rank's images on disk, for rank 0 to merge."""
+    """manifest.rank-<rank>.json: this rank's images on disk, tagged with the run, for rank 0."""
     path = out / f"manifest.rank-{rank}.json"
     entries = _job_entries(out, jobs)
     _write_json(
@@ -508,6 +577,7 @@ def _write_rank_manifest(
         {
             "schema": MANIFEST_SCHEMA,
             "rank": rank,
+            "run": run_id,
             "settings": {**common, **edit_fields},
             "images": [entries[k] for k in sorted(entries)],
         },
@@ -516,23 +586,27 @@ def _write_rank_manifest(
 
 
 def _write_manifest(
-    out: Path, jobs: list[_Job], common: dict[str, str], edit_fields: dict[str, str]
+    out: Path,
+    jobs: list[_Job],
+    common: dict[str, str],
+    edit_fields: dict[str, str],
+    run_id: str,
 ) -> Path:
     """manifest.json: every image on disk of this run, plus entries of earlier runs still on disk.
 
-    Rank manifests (of this launched run, or of an earlier one that was killed) are merged in and
-    then removed.
+    This run's rank manifests (tagged ``run_id``) are merged in and then removed; one left by
+    another run (killed before its merge) is ignored: its images are listed again by the run that
+    resumes them, under that run's settings.
     """
     path = out / MANIFEST_FILE
     entries: dict[str, dict[str, str]] = {}
-    if path.is_file():
+    if path.is_file() and not path.is_symlink():
         entries = _read_entries(out, path)
-    rank_files = sorted(out.glob(RANK_MANIFEST_GLOB))
+    rank_files = [p for p in sorted(out.glob(RANK_MANIFEST_GLOB)) if _run_of(p) == run_id]
     for rank_file in rank_files:
         entries.update(_read_entries(out, rank_file))
     entries.update(_job_entries(out, jobs))
     grids = sorted(p.relative_to(out).as_posix() for p in (out / "grids").glob("*.png"))
-    out.mkdir(parents=True, exist_ok=True)
     _write_json(
         path,
         {
@@ -583,5 +657,5 @@ def _write_grids(
             **common,
             **edit_fields,
         }
-        write_png(grid, path, meta)
+        write_png(grid, path, meta, out)
     return written

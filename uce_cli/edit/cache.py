@@ -10,23 +10,20 @@ corrupt or mismatched entry is detected, reported and rebuilt, never used.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from uce_cli.errors import UceWarning
+from uce_cli.errors import UceError, UceWarning
 from uce_cli.paths import CACHE_ENV, cache_dir
-from uce_cli.weights.destination import apply_default_modes
+from uce_cli.safe_files import write_file
 
 FORMAT = "uce-preserve-gram-v1"
 
@@ -109,14 +106,13 @@ def save_preserve(key: str, entry: PreserveEntry, info: dict[str, str]) -> Path 
         a folder should be, …): that is a ``UceWarning``, never an error — the run goes on.
     """
     path = _path(key)
-    tmp: Path | None = None
     try:
         blocker = _not_a_folder(path.parent)
         if blocker is not None:
             raise NotADirectoryError(errno.ENOTDIR, "a file where a folder should be", str(blocker))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and not path.is_file():
-            raise IsADirectoryError(errno.EISDIR, "not a file", str(path))
+        if (path.exists() or path.is_symlink()) and (path.is_symlink() or not path.is_file()):
+            kind = "a symbolic link" if path.is_symlink() else "not a file"
+            raise IsADirectoryError(errno.EISDIR, kind, str(path))
         g_p = entry.G_p.detach().to("cpu", torch.float64).contiguous()
         meta = {
             "format": FORMAT,
@@ -125,26 +121,23 @@ def save_preserve(key: str, entry: PreserveEntry, info: dict[str, str]) -> Path 
             "n_vectors": str(entry.n_vectors),
             **info,
         }
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        tmp = Path(name)
-        save_file({"G_p": g_p}, name, meta)
-        apply_default_modes(tmp)  # mkstemp and save_file leave 0600
-        os.replace(tmp, path)
-    except OSError as exc:
-        where = exc.filename if isinstance(exc.filename, str) else path
+        # Serialized in memory, then written by uce's own writer: a full disk is an OSError here
+        # (safetensors' save_file raises its own SafetensorError), and never through a link.
+        write_file(path, save({"G_p": g_p}, meta), root=path.parent)
+    except (OSError, UceError) as exc:
+        if isinstance(exc, OSError):
+            where = exc.filename if isinstance(exc.filename, str) else path
+            reason = f"{where}: {exc.strerror or exc}"
+        else:
+            reason = str(exc)
         warnings.warn(
-            f"preserve statistics not cached ({where}: {exc.strerror or exc}) — the run goes on; "
+            f"preserve statistics not cached ({reason}) — the run goes on; "
             f"the next run encodes the preserve prompts again (set {CACHE_ENV} to a writable "
             "folder, or pass --no-cache)",
             UceWarning,
             stacklevel=2,
         )
         return None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
     return path
 
 

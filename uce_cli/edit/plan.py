@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uce_cli.edit.prompts import check_regular_file
 from uce_cli.edit.recipe import (
     BAD_CHARACTERS,
+    MAX_CONCEPT_CHARS,
+    MAX_CONCEPTS,
     ConceptSource,
     DebiasGroup,
     DebiasLoop,
@@ -31,6 +32,7 @@ from uce_cli.edit.recipe import (
 )
 from uce_cli.edit.upstream import UPSTREAM_PREFIX, upstream_source
 from uce_cli.errors import DataError, RecipeError
+from uce_cli.paths import expand_home
 from uce_cli.weights.modelspec import BUILTIN_PREFIX, looks_like_local_path
 
 # Prompt templates of the published runs; the named sets also keep the bare concept.
@@ -39,6 +41,17 @@ TEMPLATE_SETS: dict[str, list[str]] = {
     "object": ["image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"],
     "none": [],
 }
+
+# Bounds checked before any model is opened. A concepts file is a list of names (the largest
+# upstream file, coco_30k.csv, is 2.4 MB); a plan's prompts are encoded one by one, so their
+# number bounds the encoding time and the statistics' memory (the largest published plan has
+# ~12,000 prompts).
+MAX_CONCEPTS_FILE_BYTES = 16 * 2**20
+MAX_PROMPTS = 200_000
+# The debias loop's work ceiling, in image sampling steps (rounds × prompts × images per prompt
+# × steps, at most): the published gender loop is 30 × 185 × 50 × 20 = 5.55 M (and less, as
+# prompts converge). ``uce apply --allow-long`` runs a loop beyond it.
+MAX_LOOP_WORK = 10_000_000
 
 # Per-mode defaults: (lambda, erase_scale, preserve_scale); "auto" = max(0.1, 1/(1+|P|)).
 MODE_DEFAULTS: dict[str, tuple[float, float, float | str]] = {
@@ -151,21 +164,7 @@ def expand(concept: str, templates: str | list[str]) -> list[str]:
 
 def _regular_file(path: Path, what: str) -> None:
     """Refuse anything but an existing regular file, without opening it (a FIFO would block)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataError(
-            f"{what} {path} does not exist — paths are relative to the recipe"
-        ) from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DataError(f"cannot read {what} {path} ({reason})") from None
-    if stat.S_ISDIR(mode):
-        raise DataError(f"{what} {path} is a folder, not a regular file — name the file in it")
-    if not stat.S_ISREG(mode):
-        raise DataError(
-            f"{what} {path} is not a regular file (a pipe, socket or device) — give a txt or csv file"
-        )
+    check_regular_file(path, what, "paths are relative to the recipe", "a txt or csv file")
 
 
 def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
@@ -176,10 +175,20 @@ def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
         # a shipped list (no column) when uce ships the one asked for, else the fetched file
         path, column = upstream_source(name[len(UPSTREAM_PREFIX) :], column)
     else:
-        path = base_dir / Path(name).expanduser()
+        path = base_dir / expand_home(name, "recipe: concepts_file", RecipeError)
     _regular_file(path, "concepts file")
+    too_big = (
+        f"concepts file {path} is larger than {MAX_CONCEPTS_FILE_BYTES // 2**20} MB, the limit for "
+        "a list of concepts — split it, or check it is the file you meant"
+    )
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        if path.stat().st_size > MAX_CONCEPTS_FILE_BYTES:
+            raise DataError(too_big)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONCEPTS_FILE_BYTES + 1)  # the file may grow after the stat
+        if len(raw) > MAX_CONCEPTS_FILE_BYTES:
+            raise DataError(too_big)
+        text = raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read concepts file {path} as UTF-8 text ({exc})") from None
     if path.suffix.lower() == ".csv":
@@ -200,12 +209,23 @@ def read_concepts_file(group: ConceptSource, base_dir: Path) -> list[str]:
             raise DataError(f"{path} is not a csv, so `column` does not apply — remove it")
         values = [line.strip() for line in text.splitlines()]
     for i, value in enumerate(values):
+        if len(value) > MAX_CONCEPT_CHARS:
+            raise DataError(
+                f"{path}: concept #{i} is {len(value):,} characters long, more than the "
+                f"{MAX_CONCEPT_CHARS:,} a concept may have — a concept is a name or short phrase "
+                "(one per line)"
+            )
         if BAD_CHARACTERS.search(value):
             raise DataError(
                 f"{path}: concept #{i} {shorten(value)} contains a NUL or another control "
                 "character — fix the file"
             )
     concepts = list(dict.fromkeys(v for v in values if v))
+    if len(concepts) > MAX_CONCEPTS:
+        raise DataError(
+            f"{path} lists {len(concepts):,} concepts, more than the {MAX_CONCEPTS:,} a group may "
+            "use — split it over several groups or recipes"
+        )
     if not concepts:
         raise DataError(f"concepts file {path} lists no concepts")
     return concepts
@@ -332,6 +352,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
     pairs: list[EditPair] = []
     sections: dict[str, dict[str, Any]] = {}
     edited: dict[str, str] = {}  # normalized concept → section that edits it
+    expected = 0  # prompts the groups read so far will expand to, bounded by MAX_PROMPTS
 
     groups: list[tuple[str, ConceptSource]] = [
         *((f"erase.{i}", g) for i, g in enumerate(recipe.erase)),
@@ -340,6 +361,9 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
     ]
     for where, group in groups:
         concepts = _concepts(group, where, base_dir, problems)
+        expected += len(concepts) * len(_templates_with_bare(group.templates))
+        if expected > MAX_PROMPTS:
+            break  # refused below, before the prompts are built
         if isinstance(group, EraseGroup):
             guides = _guides(group, concepts, where, problems)
             new = _erase_pairs(where, concepts, guides, group.templates, mode) if guides else []
@@ -373,6 +397,9 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
     for i, group in enumerate(recipe.preserve):
         where = f"preserve.{i}"
         concepts = _concepts(group, where, base_dir, problems)
+        expected += len(concepts) * len(_templates_with_bare(group.templates))
+        if expected > MAX_PROMPTS:
+            break
         kept = []
         for concept in concepts:
             other = edited.get(_norm(concept))
@@ -392,6 +419,12 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         preserve += prompts
     preserve = list(dict.fromkeys(preserve))
 
+    if expected > MAX_PROMPTS:
+        problems.append(
+            f"{label}: the plan has more than {MAX_PROMPTS:,} prompts (concepts × templates over "
+            "the edit and preserve groups), more than uce encodes in one edit — use fewer "
+            "concepts or templates"
+        )
     model = resolve_model_spec(recipe.model, base_dir)
     problems += _check_model(recipe.model, model, label)
     relative = [p.section for p in unique_pairs if p.relative]
@@ -414,7 +447,7 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
 
     out = output_dir
     if out is None and recipe.output.dir is not None:
-        out = base_dir / Path(recipe.output.dir).expanduser()
+        out = base_dir / expand_home(recipe.output.dir, "recipe: output.dir", RecipeError)
 
     return EditPlan(
         model=model,
@@ -436,6 +469,46 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         sections=sections,
         recipe_paths=_recipe_paths(recipe, model),
         loop=(recipe.debias_loop or DebiasLoop()) if any(p.auto for p in unique_pairs) else None,
+    )
+
+
+def loop_work(plan: EditPlan) -> dict[str, int] | None:
+    """The debias loop's work at most (every prompt sampled every round), or None without a loop.
+
+    ``image_steps`` = rounds × prompts × images per prompt × steps: the denoiser passes of one
+    image (two with guidance) the loop may run; ``ceiling`` is ``MAX_LOOP_WORK``.
+    """
+    if plan.loop is None:
+        return None
+    loop = plan.loop
+    prompts = sum(1 for p in plan.pairs if p.auto)
+    images = len(loop.seeds) * loop.images_per_seed
+    return {
+        "rounds": loop.max_iterations,
+        "prompts": prompts,
+        "images_per_prompt": images,
+        "steps": loop.steps,
+        "image_steps": loop.max_iterations * prompts * images * loop.steps,
+        "ceiling": MAX_LOOP_WORK,
+    }
+
+
+def check_loop_work(plan: EditPlan, allow_long: bool = False) -> None:
+    """Refuse a debias loop whose work at most exceeds ``MAX_LOOP_WORK``, unless ``allow_long``.
+
+    Raises:
+        RecipeError: naming the recipe, the estimate, its factors and the ceiling.
+    """
+    work = loop_work(plan)
+    if work is None or allow_long or work["image_steps"] <= MAX_LOOP_WORK:
+        return
+    raise RecipeError(
+        [
+            f"{plan.source_file}: debias_loop: up to {work['image_steps']:,} image sampling steps "
+            f"({work['rounds']} rounds × {work['prompts']} prompt(s) × "
+            f"{work['images_per_prompt']} images × {work['steps']} steps), beyond the ceiling of {MAX_LOOP_WORK:,} — lower "
+            "max_iterations, seeds, images_per_seed or steps, or pass --allow-long to run it"
+        ]
     )
 
 
@@ -476,7 +549,7 @@ def resolve_model_spec(model: str, base_dir: Path) -> str:
     """
     if model.startswith(BUILTIN_PREFIX):
         return model
-    candidate = base_dir / Path(model).expanduser()
+    candidate = base_dir / expand_home(model, "recipe: model", RecipeError)
     if _exists(candidate) or looks_like_local_path(model):
         try:
             return str(candidate.resolve())

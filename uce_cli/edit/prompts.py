@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,28 @@ def prompts_from_text(texts: list[str], allow_empty: bool = False) -> list[Promp
     return [PromptRow(text, str(i)) for i, text in enumerate(texts)]
 
 
+def check_regular_file(path: Path, what: str, missing_hint: str, expected: str) -> None:
+    """Refuse anything but an existing regular file, without opening it (a FIFO would block).
+
+    Raises:
+        DataError: ``what`` ``path`` is missing (``missing_hint``), a folder, or not a regular
+            file (``expected`` says what to give instead).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist — {missing_hint}") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise DataError(f"cannot read {what} {path} ({reason})") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{what} {path} is a folder, not a regular file — name the file in it")
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"{what} {path} is not a regular file (a pipe, socket or device) — give {expected}"
+        )
+
+
 def read_prompts_csv(
     path: Path, limit: int | None = None, allow_empty: bool = False
 ) -> list[PromptRow]:
@@ -54,8 +78,7 @@ def read_prompts_csv(
     Raises:
         DataError: unreadable file, no ``prompt`` column, or bad rows.
     """
-    if not path.is_file():
-        raise DataError(f"prompts file {path} does not exist — check the path")
+    check_regular_file(path, "prompts file", "check the path", "a csv file")
     rows: list[PromptRow] = []
     problems: list[str] = []
     seen: dict[str, int] = {}

@@ -21,9 +21,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import SchemaError
 
 from uce_cli.edit.evalspec import Evaluate
-from uce_cli.errors import RecipeError
+from uce_cli.errors import RecipeError, is_interrupt
 
 Alignment = Literal["paper", "last-token"]
 TemplateSet = Literal["art", "object", "none"]
@@ -50,6 +51,17 @@ PLAIN_TAGS = frozenset(
     f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")
 )
 MAX_PROBLEMS = 50
+# Sizes bounded at the door, before any work: a recipe is a small hand-written file (the largest
+# shipped one is ~3 kB); a concept is a name or short phrase (a prompt longer than the text
+# encoder's 77 tokens is refused later anyway); the largest published plan (1,734 artists × 6
+# prompts, plus preserve prompts) has ~12,000 prompts.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_CONCEPT_CHARS = 1_000
+MAX_CONCEPTS = 100_000  # per group, inline or from a concepts file
+# Images the debias loop draws per prompt per round (len(seeds) × images_per_seed): the published
+# loop draws 5 × 10 = 50; each batch's latents are drawn whole, so this bounds memory too.
+MAX_LOOP_IMAGES = 1_000
+MAX_LOOP_BATCH = 256
 SHOWN_CHARS = 60
 
 # NUL, other control characters (tab and line breaks excepted) and lone surrogates.
@@ -155,9 +167,19 @@ class ConceptSource(_Strict):
             return value
         if not value:
             raise ValueError("empty concept list — list at least one concept or remove the group")
+        if len(value) > MAX_CONCEPTS:
+            raise ValueError(
+                f"{len(value):,} concepts, more than the {MAX_CONCEPTS:,} a group may list — split "
+                "the list over several groups or recipes"
+            )
         for i, concept in enumerate(value):
             if not concept.strip():
                 raise ValueError(f"concept #{i} is empty — remove it")
+            if len(concept) > MAX_CONCEPT_CHARS:
+                raise ValueError(
+                    f"concept #{i} is {len(concept):,} characters long, more than the "
+                    f"{MAX_CONCEPT_CHARS:,} a concept may have — a concept is a name or short phrase"
+                )
         return value
 
     @field_validator("templates")
@@ -285,7 +307,9 @@ class DebiasLoop(_Strict):
         allow_inf_nan=False,
         description="classifier-free guidance scale",
     )
-    batch_size: int = Field(default=10, ge=1, description="images per pipeline call")
+    batch_size: int = Field(
+        default=10, ge=1, le=MAX_LOOP_BATCH, description="images per pipeline call"
+    )
     classifier: NonEmptyStr = Field(
         default="openai/clip-vit-base-patch32",
         description="CLIP model (hub id or local folder) that labels each image zero-shot",
@@ -307,6 +331,17 @@ class DebiasLoop(_Strict):
     max_iterations: int = Field(
         default=30, ge=1, le=10_000, description="sample → edit rounds at most"
     )
+
+    @model_validator(mode="after")
+    def _images_bounded(self) -> DebiasLoop:
+        images = len(self.seeds) * self.images_per_seed
+        if images > MAX_LOOP_IMAGES:
+            raise ValueError(
+                f"{len(self.seeds)} seeds × images_per_seed {self.images_per_seed} = {images:,} "
+                f"images per prompt per round, more than {MAX_LOOP_IMAGES:,} — the published "
+                "loop draws 5 × 10 = 50; lower images_per_seed or use fewer seeds"
+            )
+        return self
 
 
 class PreserveGroup(ConceptSource):
@@ -607,6 +642,10 @@ def parse_recipe(data: Any, label: str) -> Recipe:
         problems += _problems_from(exc, label)
     except RecursionError:
         problems = [f"{label}: the recipe is nested too deeply — a recipe is a few levels deep"]
+    except SchemaError as exc:  # Ctrl-C while pydantic-core built a validator: still Ctrl-C
+        if is_interrupt(exc):
+            raise KeyboardInterrupt from None
+        raise
     if problems:
         if len(problems) > MAX_PROBLEMS:
             more = len(problems) - MAX_PROBLEMS
@@ -733,19 +772,30 @@ def read_recipe_data(path: Path) -> Any:
     """Read and YAML-parse a recipe file (``yaml.safe_load`` semantics, bounded), with file-level errors."""
     label = str(path)
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except FileNotFoundError:
         raise RecipeError([f"{label}: no such file — check the path"]) from None
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise RecipeError([f"{label}: cannot read ({reason})"]) from None
+    mode = info.st_mode
     if stat.S_ISDIR(mode):
         raise RecipeError([f"{label}: is a folder, not a recipe file"])
     if not stat.S_ISREG(mode):
         # A FIFO or device would block or never end: never open one.
         raise RecipeError([f"{label}: not a regular file (a pipe, socket or device) — give a file"])
+    too_big = (
+        f"{label}: the recipe is larger than {MAX_RECIPE_BYTES:,} bytes (1 MB), the limit for a "
+        "recipe — put long concept lists in a concepts_file"
+    )
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise RecipeError([too_big])
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)  # the file may grow after the stat
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError([too_big])
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError([f"{label}: not a UTF-8 text file — a recipe is YAML text"]) from None
     except OSError as exc:

@@ -242,18 +242,18 @@ def collect_statistics(
     if len(hits) == len(groups):
         preserve = set()
 
-    # With the cache in use, two streams, each batched on its own: the prompts edit pairs read,
-    # then the prompts only preserved. The edit prompts' batches are then the same whether or not
-    # the preserve set comes from the cache (a batch's other rows change a prompt's fp32 encoding
-    # in the last bits), so a hit gives bit-identical statistics and G_p is summed in the same
-    # order. Without the cache one stream saves a forward pass (each costs a full read of the
-    # encoder's weights) when both parts are small.
+    # Two streams, each batched on its own: the prompts edit pairs read, then the prompts only
+    # preserved. The edit prompts' batches are then the same whether the preserve set comes from
+    # the cache or not (a batch's other rows change a prompt's fp32 encoding in the last bits), so
+    # a hit, a miss and --no-cache encode every prompt in the same batch and sum G_p in the same
+    # order: bit-identical statistics. (Joining the streams without the cache saved one forward
+    # pass but moved the edit by ~1e-8 and changed the fingerprint.)
     # last-token reads positions ≤ f(x) only; a causal encoder makes them independent of what
     # follows, so batches are padded to their longest prompt instead of 77 tokens (exact).
     padding = "max_length" if plan.alignment == "paper" else "longest"
     edit_stream = [p for p in prompts if p in edit_prompts]
     rest = [p for p in prompts if p in preserve and p not in edit_prompts]
-    streams = [edit_stream, rest] if cache_key else [edit_stream + rest]
+    streams = [edit_stream, rest]
     progress.start("encode", sum(map(len, streams)), "prompts")
     for stream in streams:
         for batch, hidden in encode_prompts(text_path, stream, batch_size, progress, padding):

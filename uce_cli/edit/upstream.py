@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from uce_cli.errors import DataError
 from uce_cli.paths import cache_dir
+from uce_cli.safe_files import write_file
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -186,9 +186,5 @@ def upstream_file(name: str) -> Path:
         ) from exc
     if hashlib.sha256(payload).hexdigest() != expected:
         raise DataError(f"downloaded '{name}' does not match the pinned sha256 — not cached")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, cached)
+    write_file(cached, payload, root=cached.parent)  # never through a link (safe_files)
     return cached

@@ -61,8 +61,9 @@ def open_family(root: Path, index: dict[str, Any]) -> Family:
     """The family of a pipeline folder, its components checked.
 
     Raises:
-        ModelError: no family claims it (naming its ``_class_name`` and what uce edits), or the
-            claiming family finds a component missing or unexpected.
+        ModelError: no family claims it (naming its ``_class_name`` and what uce edits), the
+            claiming family finds a component missing or unexpected, or a component belongs to
+            another model (``families.consistency``).
     """
     class_name = str(index.get("_class_name") or "")
     cls = next((c for c in family_classes() if c.claims(index)), None)
@@ -71,8 +72,11 @@ def open_family(root: Path, index: dict[str, Any]) -> Family:
         if known is not None:
             raise ModelError(f"{root}: {class_name} ({known}) is not supported yet — {supported()}")
         cls = _load(FALLBACK)
+    from uce_cli.families.consistency import check_consistency
+
     family = cls(root, index)
     family.check_components()
+    check_consistency(family)
     return family
 
 

@@ -145,6 +145,11 @@ class Family(ABC):
     # their bytes join the text encoder's in ``text_encoder_weights_sha256``, the edit's identity.
     text_tensor_prefixes: ClassVar[tuple[str, ...]] = ()
 
+    # (text encoder components, their width field, denoiser config field): the encoders' widths
+    # ("hidden": hidden_size or d_model; "projection": projection_dim) must sum to the field, so a
+    # component from another model is refused from the configs (``families.consistency``).
+    width_checks: ClassVar[tuple[tuple[tuple[str, ...], str, str], ...]] = ()
+
     def __init__(self, root: Path, index: dict[str, Any]) -> None:
         self.root = root
         self.index = index
@@ -187,6 +192,14 @@ class Family(ABC):
         """Extra keyword arguments ``uce sample`` passes to the family's pipeline call, so that
         it conditions on exactly the vectors uce edits (e.g. no caption rewriting)."""
         return {}
+
+    # The multiple an image's height and width must be for the family's pipeline (diffusers'
+    # check_inputs refuses others): ``uce sample`` refuses other sizes in one line.
+    size_multiple: ClassVar[int] = 8
+
+    def sampling_refusal(self, steps: int, scheduler: str) -> str | None:
+        """Why the family's pipeline cannot sample with these settings (one line), or None."""
+        return None
 
     def text_path_of(self, pipe: Any) -> TextPath | None:
         """The text path over a loaded pipeline's own tokenizers and encoders (the debias loop

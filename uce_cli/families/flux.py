@@ -151,6 +151,10 @@ class FluxFamily(JointFamily):
     label = "FLUX.1"
     pipelines: ClassVar[str] = "FLUX.1 pipelines (FluxPipeline: its text input projections)"
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
+    width_checks = (
+        (("text_encoder_2",), "hidden", "joint_attention_dim"),  # T5 sequence
+        (("text_encoder",), "hidden", "pooled_projection_dim"),  # CLIP pooled output
+    )
     components: ClassVar[tuple[str, ...]] = (
         "scheduler",
         "vae",

@@ -173,6 +173,7 @@ class CaptionFamily(Family):
     """What PixArt and Sana share: a transformer whose blocks' attn2 read projected captions."""
 
     denoiser: ClassVar[str] = DENOISER
+    width_checks = ((("text_encoder",), "hidden", "caption_channels"),)
     edits: ClassVar[str] = "cross-attention keys/values"
     cuda_dtype: ClassVar[str] = "bf16"  # T5 (PixArt) and Gemma 2 (Sana) overflow in fp16
     encoder_classes: ClassVar[tuple[str, ...]]  # text_encoder classes the family accepts
@@ -289,6 +290,17 @@ class PixArtFamily(CaptionFamily):
         super().__init__(root, index)
         sigma = index.get("_class_name") == "PixArtSigmaPipeline"
         self.label = "PixArt-Σ" if sigma else "PixArt-α"  # one name: α and Σ share the text path
+
+    def sampling_refusal(self, steps: int, scheduler: str) -> str | None:
+        """PixArt-α with one step takes the pipeline's one-step (DMD) path, which reads the
+        denoised sample a scheduler's step returns second: only LCMScheduler (a DMD model's)
+        returns one; any other fails there with an IndexError."""
+        if self.label == "PixArt-α" and steps == 1 and scheduler != "LCMScheduler":
+            return (
+                "--steps 1: the PixArt-α pipeline's one-step path is for one-step (DMD) models "
+                f"with LCMScheduler; {scheduler} cannot take it — use --steps 2 or more"
+            )
+        return None
 
     @classmethod
     def claims(cls, index: dict[str, Any]) -> bool:

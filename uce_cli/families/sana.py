@@ -140,6 +140,7 @@ class SanaFamily(CaptionFamily):
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("SanaPipeline",)
     encoder_classes: ClassVar[tuple[str, ...]] = ("Gemma2Model", "Gemma2ForCausalLM")
     reads: ClassVar[str] = "Gemma 2 hidden states (masked) → caption_projection → caption_norm"
+    size_multiple: ClassVar[int] = 32  # SanaPipeline.check_inputs: divisible by 32
 
     @classmethod
     def claims(cls, index: dict[str, Any]) -> bool:

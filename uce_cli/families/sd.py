@@ -74,6 +74,7 @@ class SD(Family):
     )
     edits = "cross-attention keys/values (attn2.to_k, attn2.to_v)"
     denoiser = "unet"
+    width_checks = ((("text_encoder",), "hidden", "cross_attention_dim"),)
     pipeline_prefixes = (
         "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline",

@@ -132,6 +132,10 @@ class SD3Family(JointFamily):
         "Stable Diffusion 3 pipelines (StableDiffusion3Pipeline: its text input projections)"
     )
     pipeline_prefixes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
+    width_checks = (
+        (("text_encoder_3",), "hidden", "joint_attention_dim"),  # T5 sequence (CLIP padded to it)
+        (("text_encoder", "text_encoder_2"), "projection", "pooled_projection_dim"),
+    )
     components: ClassVar[tuple[str, ...]] = (
         "scheduler",
         "vae",

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from uce_cli.errors import ModelError
 from uce_cli.families.base import SingleFileLayout
-from uce_cli.weights.files import read_header
+from uce_cli.weights.files import index_shards, read_header
 from uce_cli.weights.tensorfile import SavedFile, save_tensors
 
 UNET_PREFIX = "model.diffusion_model."
@@ -306,9 +306,7 @@ def diffusers_to_ldm_names(root: Path) -> dict[str, dict[str, str]]:
 def _weights(folder: Path, stem: str) -> list[Path]:
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        return [
-            folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        ]
+        return index_shards(index)
     return [folder / f"{stem}.safetensors"]
 
 

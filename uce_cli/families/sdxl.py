@@ -216,6 +216,7 @@ class SdxlFamily(Family):
     pipelines: ClassVar[str] = "Stable Diffusion XL pipelines (two CLIP text encoders)"
     edits = "cross-attention keys/values (and, if asked, the text columns of add_embedding)"
     denoiser = "unet"
+    width_checks = ((("text_encoder", "text_encoder_2"), "hidden", "cross_attention_dim"),)
     pipeline_prefixes = ("StableDiffusionXL",)
     opt_in = ("add_embedding",)  # the pooled path: docs/families.md says why it is not default
 

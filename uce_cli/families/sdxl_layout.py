@@ -41,7 +41,7 @@ from uce_cli.families.sd_singlefile import (
     unet_key_to_ldm,
     vae_key_to_ldm,
 )
-from uce_cli.weights.files import read_header
+from uce_cli.weights.files import index_shards, read_header
 from uce_cli.weights.tensorfile import SavedFile, save_tensors
 
 UNET_PREFIX = "model.diffusion_model."
@@ -111,9 +111,7 @@ def big_g_key(key: str) -> str:
 def _weight_files(folder: Path, stem: str) -> list[Path]:
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        return [
-            folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        ]
+        return index_shards(index)
     return [folder / f"{stem}.safetensors"]
 
 

@@ -283,8 +283,8 @@ def read_report(run_path: Path) -> dict[str, Any] | None:
 
 def write_report(run: Run, report: dict[str, Any], force: bool) -> Path:
     """Write eval/eval.json and eval/eval.md (atomically each); refuse to replace without force."""
-    from uce_cli.artifacts.outputs import write_json
     from uce_cli.judge.report import render_markdown
+    from uce_cli.safe_files import create_dir, write_file
 
     folder = run.path / EVAL_DIR
     if (folder / EVAL_JSON).exists() and not force:
@@ -292,10 +292,7 @@ def write_report(run: Run, report: dict[str, Any], force: bool) -> Path:
             f"{folder / EVAL_JSON} exists — pass --force to recompute it, or --check alone to "
             "check it"
         )
-    folder.mkdir(exist_ok=True)
-    write_json(folder / EVAL_JSON, report)
-    md = folder / EVAL_MD
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(render_markdown(report), encoding="utf-8")
-    tmp.replace(md)
+    create_dir(folder, run.path)  # never through a link planted in the run (safe_files)
+    write_file(folder / EVAL_JSON, json.dumps(report, indent=2) + "\n", run.path)
+    write_file(folder / EVAL_MD, render_markdown(report), run.path)
     return folder

@@ -25,6 +25,7 @@ from uce_cli.edit.prompts import MAX_SEED, PromptRow
 from uce_cli.errors import DataError, UceError
 from uce_cli.judge.prompts import norm, read_prompt_set
 from uce_cli.progress import NullProgress, Progress
+from uce_cli.safe_files import create_dir
 
 EXTRA = "eval"
 EXTRA_TORCHVISION = "eval-torchvision"  # lpips, torch-fidelity: need a torchvision for your torch
@@ -136,6 +137,8 @@ def sample_images(
             if delta.is_file()
             else run.path.with_name(f"{run.path.name}-samples")
         )
+        if delta.is_file():
+            create_dir(folder, run.path)  # not through a link planted in the run (safe_files)
         run_sample(rows, folder, run.base_spec, edit, True, options, progress, ranks)
     else:
         folder = Path(samples).expanduser()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from uce_cli.errors import UceError
+from uce_cli.safe_files import create_dir, open_new
 
 CONCEPTS_PNG = "concepts.png"
 LAYERS_PNG = "layers.png"
@@ -32,7 +33,7 @@ def write_plots(folder: Path, report: dict[str, Any], run: Path) -> list[str]:
     if not text:
         return []
     plt = _pyplot()
-    folder.mkdir(parents=True, exist_ok=True)
+    create_dir(folder, run)  # never through a link planted in the run (safe_files)
     written = [
         _concepts_plot(plt, folder / CONCEPTS_PNG, text),
         _layers_plot(plt, folder / LAYERS_PNG, text),
@@ -63,7 +64,8 @@ def _concepts_plot(plt: Any, path: Path, text: dict[str, Any]) -> str:
     ax.set_title("efficacy vs specificity per concept (bar: mean)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with open_new(path, path.parent) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return path.name
 
@@ -92,7 +94,8 @@ def _layers_plot(plt: Any, path: Path, text: dict[str, Any]) -> str:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with open_new(path, path.parent) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return path.name
 
@@ -136,5 +139,6 @@ def _worst_best_grid(path: Path, report: dict[str, Any]) -> str | None:
         draw.text((4, y + 4), label, fill="black")
         canvas.paste(im, (0, y + 20))
         y += im.height + 20
-    canvas.save(path)
+    with open_new(path, path.parent) as f:
+        canvas.save(f, format="PNG")
     return path.name

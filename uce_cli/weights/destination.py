@@ -4,13 +4,18 @@ Torch-free, so the CLI refuses a bad ``--out`` before it loads a model.
 
 **What ``--force`` may replace.** An existing output folder is replaced only when it is empty or
 is itself a uce output: its ``edit_log.json`` is a JSON object written by uce (``schema`` and
-``versions.uce``, as every ``uce apply``/``merge``/``transfer`` log has), and every file in the
-folder is that log or is listed in the log's ``outputs``. A folder holding anything else (the
-working folder, a recipe's folder, ``$HOME``, a uce output into which other files were put) is
+``versions.uce``, as every ``uce apply``/``merge``/``transfer`` log has) whose ``outputs`` is a
+non-empty map of relative file names to sha256 digests (a log without it, or of any other shape,
+proves nothing), and every file in the folder is that log or one it lists — file by file, links
+never. A folder holding anything else (the working folder, a recipe's folder, ``$HOME``, a uce
+output into which other files were put, the ``eval/`` that ``uce eval`` wrote into a run) is
 refused, naming the folder and the first foreign file. The working folder (or one holding it) and
-a folder holding one of the command's inputs are refused even when uce wrote them. A ``uce
-sample`` folder (``manifest.json``) is never replaced: sample resumes into it and only ever adds
-or rewrites its own images, grids and manifest (``check_sample_out``).
+a folder holding one of the command's inputs are refused even when uce wrote them. A replacement
+is announced (``warning: --force: replacing …``). A ``uce sample`` folder (``manifest.json``) is
+never replaced: sample resumes into it and only ever adds or rewrites its own images, grids and
+manifest (``check_sample_out``), one run at a time (``lock_sample_out``).
+
+Every file is written through ``uce_cli.safe_files`` (never through a link planted in a folder).
 
 **Staging and the swap.** Outputs are written into ``.NAME.uce-tmp-XXXXXXXX`` beside ``NAME``
 (same filesystem, so renames are atomic); it holds a marker file ``.uce-run.json`` (pid, host,
@@ -36,7 +41,9 @@ as if it had never started:
   folder's marker names (killed between removing its marker and renaming it).
 
 Each action is reported as a ``UceWarning`` (the CLI prints ``warning: …``). Leftovers of a live
-process, of another host, or without a readable marker are left alone, with a warning naming them.
+process, of another host, or without a readable marker (a marker that is a link, or names a pid
+no process can have, is not one) are left alone, with a warning naming them. Recovery never
+follows or moves a link: an old folder whose ``previous`` is one is left alone.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -54,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from uce_cli.errors import OutputError, UceWarning
+from uce_cli.paths import expand_home
+from uce_cli.safe_files import create_dir, link_refusal, write_file
 
 EDIT_LOG_FILE = "edit_log.json"
 SAMPLE_MANIFEST = "manifest.json"
@@ -63,6 +73,7 @@ PREVIOUS = "previous"
 _SUFFIX_BYTES = len(".") + len(".uce-old-") + 8
 _MAX_LOG_BYTES = 256 << 20
 _MAX_MARKER_BYTES = 64 << 10
+_MAX_PID = 2**31 - 1  # pid_t; a marker naming a larger pid is not one uce wrote
 # Room kept for the deepest file uce writes inside an output (e.g. "text_encoder/model.safetensors").
 _INNER_PATH_BYTES = 96
 
@@ -93,7 +104,14 @@ def resolve_destination(out: Path | str) -> Path:
         raise OutputError(
             f"output path {_short(text)!r} holds characters no file name can hold — choose another --out"
         ) from None
-    return Path(text).expanduser().resolve()
+    path = expand_home(text, "--out", OutputError)
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # "Symlink loop from …" (RuntimeError before 3.13)
+        raise OutputError(
+            f"output path {_short(text)!r} cannot be resolved ({exc}) — symbolic links loop "
+            "there; choose another --out"
+        ) from None
 
 
 def check_destination(
@@ -145,6 +163,9 @@ def check_destination(
             raise OutputError(refusal)
         if not force:
             raise OutputError(f"output {out} already exists — pass --force to replace it")
+        replaced = describe_replacement(out)
+        if replaced is not None:
+            _note(replaced)
     anchor = out.parent
     while not (anchor.exists() or anchor.is_symlink()) and anchor != anchor.parent:
         anchor = anchor.parent
@@ -161,35 +182,67 @@ def replace_refusal(out: Path) -> str | None:
     except OSError as exc:
         return f"output {out} cannot be read ({exc.strerror}) — choose another --out"
     log = read_uce_log(out / EDIT_LOG_FILE)
-    if log is None:
+    known = listed_outputs(log) if log is not None else None
+    if known is None:
         return (
             f"output {out} already exists and is not a uce output (no edit_log.json written by "
-            "uce) — --force replaces only an earlier uce output or an empty folder; choose another --out"
+            "uce with the list of its outputs) — --force replaces only the files an earlier uce "
+            "output lists, or an empty folder; choose another --out"
         )
-    listed = log.get("outputs")
-    if not isinstance(listed, dict):
-        return None  # an edit log without a file list: the log alone says uce wrote the folder
-    known = {str(name) for name in listed} | {EDIT_LOG_FILE}
-    # `uce eval RUN` writes its report, plots and samples under RUN/eval/: uce's too, when its
-    # eval.json is a uce eval report.
-    evaluated = _is_uce_eval(out / EVAL_SUBDIR / "eval.json")
+    known.add(EDIT_LOG_FILE)
     unreadable: list[OSError] = []
     for folder, dirs, files in os.walk(out, onerror=unreadable.append):
         here = Path(folder)
         links = [d for d in dirs if (here / d).is_symlink()]
         for name in sorted([*files, *links]):
             rel = (here / name).relative_to(out).as_posix()
-            if evaluated and rel.startswith(f"{EVAL_SUBDIR}/") and not (here / name).is_symlink():
+            if rel in known and not (here / name).is_symlink():
                 continue
-            if rel not in known:
+            if rel.startswith(f"{EVAL_SUBDIR}/") and _is_uce_eval(out / EVAL_SUBDIR / "eval.json"):
                 return (
-                    f"output {out} holds {_short(rel)}, which is not part of that uce output — "
-                    "--force replaces only the files uce wrote there: move it out or choose "
-                    "another --out"
+                    f"output {out} holds {EVAL_SUBDIR}/, the `uce eval` report of that run, which "
+                    "--force does not replace (its edit log does not list it) — move or delete "
+                    f"{out / EVAL_SUBDIR} first, or choose another --out"
                 )
+            what = (
+                "a symbolic link" if (here / name).is_symlink() else "not part of that uce output"
+            )
+            return (
+                f"output {out} holds {_short(rel)}, which is {what} — --force replaces only the "
+                "files its edit log lists: move it out or choose another --out"
+            )
     if unreadable:
         return f"output {out} cannot be read ({unreadable[0]}) — choose another --out"
     return None
+
+
+def listed_outputs(log: dict[str, Any]) -> set[str] | None:
+    """The files a valid uce edit log lists (``outputs``: relative file name → sha256), or None
+    when ``outputs`` is missing or of any other shape (then the log proves nothing)."""
+    listed = log.get("outputs")
+    if not isinstance(listed, dict) or not listed:
+        return None
+    names: set[str] = set()
+    for name, digest in listed.items():
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            return None
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or name != Path(name).as_posix():
+            return None
+        names.add(name)
+    return names
+
+
+def describe_replacement(out: Path) -> str | None:
+    """What ``--force`` is about to replace in ``out`` (None when nothing is there), one line."""
+    log = read_uce_log(out / EDIT_LOG_FILE)
+    known = listed_outputs(log) if log is not None else None
+    if known is None:
+        return None
+    return (
+        f"--force: replacing the uce output {out} ({len(known)} files its edit log lists, and the "
+        "log)"
+    )
 
 
 EVAL_SUBDIR = "eval"  # where `uce eval` writes inside a run (uce_cli.judge.evaluate.EVAL_DIR)
@@ -234,6 +287,8 @@ def check_sample_out(out: Path) -> None:
     manifest = out / SAMPLE_MANIFEST
     if not (manifest.exists() or manifest.is_symlink()):
         return
+    if manifest.is_symlink():
+        raise OutputError(link_refusal(manifest))
     ok = False
     try:
         if manifest.is_file() and manifest.stat().st_size <= _MAX_LOG_BYTES:
@@ -345,14 +400,17 @@ def _marker(phase: str, out: Path, **extra: str) -> dict[str, Any]:
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
-    (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    write_file(folder / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
     """The run marker in ``folder``, or None when missing or not one uce wrote."""
-    path = folder / MARKER_FILE
+    return _read_marker_file(folder / MARKER_FILE)
+
+
+def _read_marker_file(path: Path) -> dict[str, Any] | None:
     try:
-        if not path.is_file() or path.stat().st_size > _MAX_MARKER_BYTES:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_MARKER_BYTES:
             return None
         marker = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
@@ -360,7 +418,8 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     if (
         not isinstance(marker, dict)
         or marker.get("tool") != "uce"
-        or not isinstance(marker.get("pid"), int)
+        or type(marker.get("pid")) is not int
+        or not 0 < marker["pid"] <= _MAX_PID
         or not isinstance(marker.get("host"), str)
     ):
         return None
@@ -414,7 +473,13 @@ def _is_destination(path: Path, out: Path) -> bool:
 def describe_os_error(out: Path, exc: OSError) -> str:
     """A one-line message for a filesystem error met while writing ``out``."""
     reason = exc.strerror or str(exc)
-    where = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else None
+    # A copy's error names its source first (shutil.copyfile sets filename=src, filename2=dst):
+    # a full, read-only or over-quota filesystem is always the destination's.
+    names = [n for n in (exc.filename, exc.filename2) if isinstance(n, str)]
+    where = Path(os.path.abspath(names[0])) if names else None
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+    if any(_is_destination(Path(os.path.abspath(n)), out) for n in names) or full:
+        where = None
     if where is not None and not _is_destination(where, out):
         return f"{where}: {reason}"  # not the destination's fault (e.g. an unreadable input)
     hint = {
@@ -501,9 +566,70 @@ def finalize(stage: Path, out: Path, force: bool) -> None:
 def _undo_swap(old: Path, out: Path) -> None:
     """Put the old output back if the swap stopped half-way, then delete the old folder."""
     previous = old / PREVIOUS
-    if previous.exists() and not (out.exists() or out.is_symlink()):
+    if previous.is_dir() and not previous.is_symlink() and not (out.exists() or out.is_symlink()):
         os.rename(previous, out)
     _delete_old(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample folder's lock
+
+SAMPLE_LOCK = ".uce-sample.lock"
+
+
+def lock_sample_out(out: Path) -> str:
+    """Take ``out``'s lock for one ``uce sample`` run: ``.uce-sample.lock``, created ``O_EXCL``,
+    holds a run marker (pid, host, start time) and a fresh run id.
+
+    A lock left by a process that is gone (``owner_state``) is taken over, with a warning; a live
+    one, or a file there uce did not write, is refused.
+
+    Returns:
+        The run id (it tags the run's rank manifests).
+
+    Raises:
+        OutputError: another run holds the folder, or the lock cannot be created.
+    """
+    create_dir(out)
+    path = out / SAMPLE_LOCK
+    marker = _marker("sample", out, run=secrets.token_hex(8))
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        except FileExistsError:
+            if path.is_symlink():
+                raise OutputError(link_refusal(path)) from None
+            held = _read_marker_file(path)
+            if held is None or not isinstance(held.get("run"), str):
+                raise OutputError(
+                    f"{path} exists and is not a uce sample lock — delete it if no uce sample is "
+                    f"writing {out}, or choose another --out"
+                ) from None
+            state = owner_state(held)
+            if state != "gone":
+                where = "" if state == "alive" else f" on host {_short(held['host'], 40)}"
+                raise OutputError(
+                    f"{out} is being written by another uce sample (pid {held['pid']}{where}; "
+                    f"lock {path}) — wait for it to finish or choose another --out"
+                ) from None
+            if _read_marker_file(path) == held:  # still the dead run's (not taken meanwhile)
+                path.unlink(missing_ok=True)
+                _note(f"took over {path}, left by an interrupted run (pid {held['pid']})")
+            continue
+        except OSError as exc:
+            raise OutputError(describe_os_error(out, exc)) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(marker, indent=2) + "\n")
+        return marker["run"]
+    raise OutputError(f"{path}: another uce sample keeps taking the lock — choose another --out")
+
+
+def unlock_sample_out(out: Path, run: str) -> None:
+    """Release the lock ``lock_sample_out`` took (only if it is still this run's)."""
+    path = out / SAMPLE_LOCK
+    held = _read_marker_file(path)
+    if held is not None and held.get("run") == run:
+        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,6 +698,12 @@ def recover_leftovers(out: Path) -> list[str]:
             claimed.add(marker["stage"])
         previous = old / PREVIOUS
         restored = False
+        if previous.is_symlink():
+            _note(
+                f"{link_refusal(previous, 'folder')} — not restored; {old} is left alone, delete "
+                "it by hand"
+            )
+            continue
         try:
             if previous.is_dir() and not (out.exists() or out.is_symlink()):
                 os.rename(previous, out)

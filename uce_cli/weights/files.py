@@ -28,8 +28,7 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     """
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
+        return index_shards(index)
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]
@@ -40,6 +39,67 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
             "safetensors only, since unpickling runs code — convert them to .safetensors"
         )
     raise ModelError(f"{folder} has no {stem}.safetensors — is this a complete diffusers folder?")
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's ``*.safetensors.index.json`` names, checked.
+
+    This is the one reader of index files: every family, the denoiser and the text encoders alike,
+    finds its shards through it, so a broken index is refused the same way everywhere.
+
+    Raises:
+        ModelError: the index is unreadable or not JSON, has no ``weight_map`` object, maps a key
+            to something other than a shard file name in the index's folder, or names a shard
+            that is missing — one line naming the index and what is wrong.
+    """
+    fix = "re-download the component or repair the index"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{index} is not valid JSON ({reason}) — {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = (
+            f"a JSON {type(data).__name__}"
+            if not isinstance(data, dict)
+            else "no 'weight_map'"
+            if "weight_map" not in data
+            else f"a 'weight_map' that is a {type(weight_map).__name__}"
+            if not isinstance(weight_map, dict)
+            else "an empty 'weight_map'"
+        )
+        raise ModelError(
+            f"{index} holds {found}, not a 'weight_map' object of tensor name → shard file — {fix}"
+        )
+    shards: set[str] = set()
+    for key, shard in weight_map.items():
+        if (
+            not isinstance(shard, str)
+            or not shard.endswith(".safetensors")
+            or Path(shard).name != shard
+            or shard.startswith(".")
+        ):
+            raise ModelError(
+                f"{index}: weight_map[{str(key)[:80]!r}] is {str(shard)[:80]!r}, not the name of a "
+                f".safetensors shard in {index.parent} — {fix}"
+            )
+        shards.add(shard)
+    for shard in sorted(shards):
+        if not (index.parent / shard).is_file():
+            raise ModelError(f"{index} names the shard {shard}, which is missing — {fix}")
+    return [index.parent / s for s in sorted(shards)]
+
+
+def check_indexes(folder: Path) -> None:
+    """Read every ``*.safetensors.index.json`` in a component folder (``index_shards``), so a
+    broken index is refused before any library reads it.
+
+    Raises:
+        ModelError: the first broken index, named.
+    """
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        index_shards(index)
 
 
 def read_header(path: Path) -> tuple[list[str], dict[str, str]]:

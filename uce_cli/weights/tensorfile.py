@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from uce_cli.safe_files import open_new
+
 # torch dtype → safetensors dtype name (the ones uce writes: weights, factors, K, alphas).
 DTYPE_NAMES = {
     torch.float64: "F64",
@@ -100,7 +102,7 @@ def save_tensors(
     # writes release the GIL on large buffers).
     with ThreadPoolExecutor(max_workers=1) as pool:
         content = pool.submit(_sha256, [json.dumps(index, separators=(",", ":")).encode(), *data])
-        with open(path, "wb") as f:
+        with open_new(Path(path)) as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for view in data:
