@@ -14,6 +14,12 @@ its own child process so peak RSS is its own:
   (d) the peak RSS of loading the full pipeline the usual way (`StableDiffusionPipeline.from_pretrained`,
       then reading every weight once, as any use of it does).
 
+  (e) with a LoRA format (``--formats lora`` or ``lora-kohya``): the LoRA factors of every layer
+      from the apply's operator, two ways side by side in one process — per layer (ΔW = W_old(K − I)
+      then its own float64 SVD, the way uce did it before) and shared (K − I factored once per
+      group, then one GEMM per layer, what `uce apply` does now) — with their ratio and the largest
+      difference between the two ΔW they give (the apply then also writes the operator format).
+
 (a) and (b) run after one unmeasured pass of (b), so neither pays alone for a cold start (a model
 still being written back to disk, libraries not yet read).
 
@@ -22,6 +28,7 @@ Prints a table, the disk it needed, and, last, one JSON object. Usage:
     python scripts/bench_apply.py --erase 5 --preserve 50
     python scripts/bench_apply.py --quick --formats delta --work /data/bench   # keep the model
     python scripts/bench_apply.py --arch sd21 --quick --formats delta --naive-layers 0
+    python scripts/bench_apply.py --quick --formats lora,lora-kohya --naive-layers 0   # (e)
 
 ``--arch sd21`` builds Stable Diffusion 2.1's architecture instead (its UNet config: 1024-d
 cross-attention, per-block head sizes, linear projections; OpenCLIP ViT-H/14 as a 23-layer
@@ -179,6 +186,47 @@ def child(code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def lora_factor_child(repo: str, model_dir: Path, out: Path) -> dict:
+    """(e): every layer's LoRA factors from the apply's operator, per layer and shared, timed."""
+    return child(
+        f"""
+        sys.path.insert(0, {repo!r})
+        import torch
+        from uce_cli.artifacts.lora import factor_operator, factorize_delta, operator_lora_factors
+        from uce_cli.artifacts.operator import read_operator
+        from uce_cli.families.model import open_model
+        out = __import__('pathlib').Path({str(out)!r})
+        model = open_model({str(model_dir)!r})
+        ks = read_operator(out / 'operator.safetensors').ks
+        if len(ks) == 1:  # a one-group file names no group
+            ks = {{t.group: next(iter(ks.values())) for t in model.kv}}
+        old = model.read_kv()
+        tensor_of = {{t.key: t for t in model.kv}}
+        t0 = time.perf_counter()
+        per_layer = {{}}
+        for key, w in old.items():
+            t = tensor_of[key]
+            k = ks[t.group].double()
+            part = t.part(w.double()) @ (k - torch.eye(k.shape[0], dtype=torch.float64))
+            per_layer[key] = factorize_delta(t.whole(torch.zeros_like(w, dtype=torch.float64), part))
+        per_layer_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shared = {{g: factor_operator(k) for g, k in ks.items()}}
+        fast = {{key: operator_lora_factors(tensor_of[key].part(w), shared[tensor_of[key].group])
+                 for key, w in old.items()}}
+        shared_seconds = time.perf_counter() - t0
+        diff = 0.0
+        for key, f in fast.items():
+            a = per_layer[key].up.double() @ per_layer[key].down.double()
+            b = tensor_of[key].whole(torch.zeros_like(a), f.up.double() @ f.down.double())
+            diff = max(diff, float((a - b).norm() / a.norm()))
+        RESULT = {{'per_layer_seconds': per_layer_seconds, 'shared_seconds': shared_seconds,
+                   'layers': len(old), 'max_rel_difference': diff,
+                   'ranks': sorted({{f.rank for f in fast.values()}})}}
+        """
+    )
+
+
 def disk_usage(folder: Path) -> int:
     """Bytes a folder takes on disk (allocated blocks, hard links counted once)."""
     seen: set[tuple[int, int]] = set()
@@ -260,6 +308,10 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
     disk = {"model": disk_usage(model)}
     names = ARTISTS_FALLBACK
     erase, preserve = names[: args.erase], names[args.erase : args.erase + args.preserve]
+    formats = args.formats.split(",")
+    lora = any(name.startswith("lora") for name in formats)
+    if lora and "operator" not in formats:
+        formats.append("operator")  # (e) factors the LoRA from the apply's own operator
     recipe = work / "bench-recipe.yaml"
     recipe.write_text(
         json.dumps(
@@ -268,7 +320,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
                 "alignment": "paper",
                 "erase": [{"concepts": erase, "templates": "art", "guide": "art"}],
                 "preserve": [{"concepts": preserve}],
-                "output": {"formats": args.formats.split(",")},
+                "output": {"formats": formats},
             }
         )
     )
@@ -314,6 +366,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         """
     )
     disk["apply_output"] = disk_usage(out)
+    factors = lora_factor_child(repo, model, out) if lora else None
     floor = child(floor_code)
     skip_naive = {
         "seconds": None,
@@ -421,6 +474,11 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         "full_pipeline_peak_rss_mb": round(full["peak_rss_mb"]),
         "rss_ratio": round(apply["peak_rss_mb"] / full["peak_rss_mb"], 3),
         "formats": args.formats,
+        "lora_per_layer_seconds": factors and round(factors["per_layer_seconds"], 3),
+        "lora_shared_seconds": factors and round(factors["shared_seconds"], 3),
+        "lora_per_layer_over_shared": factors
+        and round(factors["per_layer_seconds"] / factors["shared_seconds"], 1),
+        "lora_max_rel_difference": factors and factors["max_rel_difference"],
         "threads": os.cpu_count(),
         "device": args.device,
         "disk_peak_gb": round(peak_gb, 2),
@@ -459,6 +517,25 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
             "StableDiffusionPipeline.from_pretrained",
         ),
     ]
+    if factors is not None:
+        rows.append(
+            (
+                "(e) LoRA factors, per-layer SVD",
+                f"{factors['per_layer_seconds']:.2f} s",
+                "",
+                f"{factors['layers']} layers, ΔW = W_old(K − I) then one SVD each",
+            )
+        )
+        rows.append(
+            (
+                "(e) LoRA factors, shared K − I",
+                f"{factors['shared_seconds']:.2f} s",
+                "",
+                f"one SVD per group, one GEMM per layer; per-layer/shared "
+                f"{factors['per_layer_seconds'] / factors['shared_seconds']:.1f}×, ranks "
+                f"{factors['ranks']}, max ‖ΔW_a − ΔW_b‖/‖ΔW‖ {factors['max_rel_difference']:.1e}",
+            )
+        )
     print(
         f"E={args.erase} erase artists × 6 prompts, P={args.preserve} preserve, paper mode, {ARCHS[args.arch][0]} architecture, device {args.device}"
     )

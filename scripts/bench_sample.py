@@ -7,10 +7,15 @@ generation time uce reports (the slowest rank's), images per second of generatio
 images equal the one-process run's byte for byte. Last: the projected wall time of a COCO-30k FID
 run (30,000 images, 50 steps) on 8 such devices from the measured per-image time.
 
+With ``--compare-threads`` it instead runs one process twice, side by side: with uce's default
+thread count (no ``--threads``, no ``OMP_NUM_THREADS``: the CPUs the process may use) and with
+``--threads 1``, and prints the per-image time of each, their ratio and the machine's load.
+
 The model: ``builtin:tiny-sd`` with ``--quick``; otherwise a random SD-1.4-architecture pipeline
 (512×512, built by scripts/bench_apply.py's builder into ``--work``). Usage:
     python scripts/bench_sample.py --quick                       # CPU, tiny model, 1 and 2 processes
     python scripts/bench_sample.py --device cuda --images 16 --steps 20 --work /data/bench
+    python scripts/bench_sample.py --quick --compare-threads     # default threads vs --threads 1
 """
 
 from __future__ import annotations
@@ -60,6 +65,48 @@ def image_hashes(folder: Path) -> dict[str, str]:
     }
 
 
+def compare_threads(args: argparse.Namespace, prompts: Path, work: Path, env: dict) -> None:
+    """One process, uce's default thread count vs ``--threads 1``, run alternately, side by side."""
+    from uce_cli.threads import THREAD_VARS, usable_cpus
+
+    env = {k: v for k, v in env.items() if k not in (*THREAD_VARS, "UCE_THREADS")}
+    settings = {"default": [], "1": ["--threads", "1"]}
+    rows = []
+    for label, extra in settings.items():
+        out = work / f"out-threads-{label}"
+        cmd = [
+            sys.executable, "-m", "uce_cli", "sample", "--model", args.model,
+            "--prompts-file", str(prompts), "--out", str(out), "--steps", str(args.steps),
+            "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+            "--quiet", "--json", *extra,
+        ]  # fmt: skip
+        load = os.getloadavg()[0]
+        wall, summary = run(cmd, env)
+        rows.append(
+            {
+                "threads": label if extra else f"default ({usable_cpus()})",
+                "images": summary["generated"],
+                "wall_s": round(wall, 2),
+                "seconds_per_image": summary["seconds_per_image"],
+                "load_average_1min_before": round(load, 2),
+            }
+        )
+    default, one = rows
+    ratio = default["seconds_per_image"] / one["seconds_per_image"]
+    print(
+        f"model {args.model}; device {args.device}; {args.images} images; {args.steps} steps; "
+        f"{os.cpu_count()} CPUs on the machine, {usable_cpus()} usable by this process"
+    )
+    print(f"{'threads':>12} {'images':>6} {'wall s':>8} {'s/image':>8} {'load':>6}")
+    for r in rows:
+        print(
+            f"{r['threads']:>12} {r['images']:>6} {r['wall_s']:>8} {r['seconds_per_image']:>8} "
+            f"{r['load_average_1min_before']:>6}"
+        )
+    print(f"default / --threads 1 per image: {ratio:.2f}")
+    print(json.dumps({"threads_runs": rows, "default_over_one_thread": round(ratio, 3)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,6 +124,11 @@ def main() -> None:
         type=int,
         default=None,
         help="OMP_NUM_THREADS of every process (default on the CPU: 1, as accelerate launch sets)",
+    )
+    parser.add_argument(
+        "--compare-threads",
+        action="store_true",
+        help="one process, uce's default thread count vs --threads 1, side by side",
     )
     parser.add_argument("--work", type=Path, default=None, help="kept folder (default: temporary)")
     args = parser.parse_args()
@@ -100,6 +152,9 @@ def main() -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
+    if args.compare_threads:
+        compare_threads(args, prompts, work, env)
+        return
     threads = args.threads or (1 if args.device == "cpu" else None)
     if threads:  # the same per process in every run, so the images compare byte for byte
         env["OMP_NUM_THREADS"] = str(threads)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,23 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "uce-upstream"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Temp files of the tests and of every process they start go into the session's folder.
+
+    What a library or a child leaves in a temp folder (``accelerate launch``'s torchelastic logs,
+    scratch files) then goes when pytest removes that folder after a passing run
+    (``tmp_path_retention_policy = "failed"`` in pyproject.toml), not into the system's /tmp.
+    Session-scoped, so module- and session-scoped fixtures get it too.
+    """
+    folder = tmp_path_factory.getbasetemp() / "tmp"
+    folder.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        patch.setattr(tempfile, "tempdir", str(folder))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -133,7 +133,7 @@ def test_show_piped_not_truncated(erased_model: Path) -> None:
         text=True,
         cwd=REPO,
         env=env,
-        timeout=120,
+        timeout=600,  # a hang guard, not a speed bound
     )
     assert done.returncode == 0, done.stderr
     assert "…" not in done.stdout

@@ -590,12 +590,12 @@ def test_existing_output_fails_before_torch_import(
         "transfer": ["transfer", str(erased_model), "--model", "builtin:tiny-sd"],
     }[command] + ["--out", str(out)]
     code = (
-        "import sys, time\nfrom uce_cli.cli import app\nt0 = time.perf_counter()\n"
+        "import sys\nfrom uce_cli.cli import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
-        "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules, time.perf_counter() - t0)\n"
+        "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    exit_code, torch_loaded, diffusers_loaded, seconds = done.stdout.split()
+    exit_code, torch_loaded, diffusers_loaded = done.stdout.split()
+    # fast because nothing heavy is imported (asserted), not timed
     assert (exit_code, torch_loaded, diffusers_loaded) == ("1", "False", "False"), done.stderr
     assert f"error: output {out} already exists — pass --force" in done.stderr
-    assert float(seconds) < 5

@@ -46,7 +46,8 @@ def launch(processes: int, *args: str | Path) -> subprocess.CompletedProcess[str
         "--main_process_port", str(free_port()),
         "-m", "uce_cli", *(str(a) for a in args),
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+    # a hang guard (a rank waiting forever), not a speed bound: generous for a loaded machine
+    return subprocess.run(command, capture_output=True, text=True, timeout=1200, env=os.environ)
 
 
 def write_prompts(folder: Path) -> Path:

@@ -34,10 +34,13 @@ from uce_cli.artifacts.files import (
 from uce_cli.artifacts.lora import (
     KOHYA_FILE,
     LORA_FILE,
+    LoraFactors,
     check_rank,
+    factor_operator,
     factorize_delta,
     is_lora,
     lora_state_dict,
+    operator_lora_factors,
     read_lora_deltas,
 )
 from uce_cli.artifacts.operator import (
@@ -227,16 +230,18 @@ def write_formats(
         written.add(stage, DELTA_FILE, saved, hashes)
     if any(f.startswith("lora") for f in formats):
         factors = {}
+        # exact: ΔW = W_old (K − I), not the difference of rounded weights; K − I is factored
+        # once per group and each layer is one GEMM (no SVD per layer)
+        shared = {g: factor_operator(kg) for g, kg in k.items()} if k is not None else {}
         for key, w_new in new.items():
-            w_old = old[key].to(torch.float64)
-            if k is not None:  # exact: ΔW = W_old (K − I), not the difference of rounded weights
-                kg = k[group_of[key]].to(torch.float64)
+            if k is not None:
                 t = tensor_of[key]  # a layer read in some columns: ΔW is 0 in the others
-                part = t.part(w_old) @ (kg - torch.eye(kg.shape[0], dtype=torch.float64))
-                delta = t.whole(torch.zeros_like(w_old), part)
+                f = operator_lora_factors(t.part(old[key]), shared[group_of[key]], lora_rank)
+                down = t.whole(torch.zeros(f.rank, t.shape[1]), f.down)
+                factors[key] = LoraFactors(f.up, down.contiguous(), f.rank, f.rel_error)
             else:
-                delta = w_new.to(torch.float64) - w_old
-            factors[key] = factorize_delta(delta, lora_rank)
+                delta = w_new.to(torch.float64) - old[key].to(torch.float64)
+                factors[key] = factorize_delta(delta, lora_rank)
             written.layers[f"{model.denoiser}.{key}"] = {
                 "lora_rank": factors[key].rank,
                 "lora_rel_error": factors[key].rel_error,

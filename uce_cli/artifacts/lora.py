@@ -1,8 +1,12 @@
 """LoRA: the edit ΔW = W_old·(K − I) of each layer as exact (or rank-truncated) low-rank factors.
 
 Since rank(K − I) ≤ number of edit vectors (docs/design.md), ΔW (d_out × d_in) factors exactly as
-``lora_B · lora_A`` with ``lora_B = U_r S_r`` (d_out × r) and ``lora_A = V_rᵀ`` (r × d_in) from
-its float64 SVD. Two key layouts, both loaded by diffusers' ``pipe.load_lora_weights``:
+``lora_B · lora_A`` (d_out × r · r × d_in). An operator edit factors the group's K − I = U S Vᵀ once
+(``factor_operator``: one float64 SVD of a d×d matrix), and every layer of the group is then
+``lora_B = W_old U_r S_r``, ``lora_A = V_rᵀ``: one GEMM per layer (``operator_lora_factors``). An
+edit without an operator (norm-relative debias, a merged delta) factors each ΔW from its own
+float64 SVD (``factorize_delta``). Two key layouts, both loaded by diffusers'
+``pipe.load_lora_weights``:
 
 - ``diffusers`` (PEFT): ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``; no alpha, so the
   scale is 1 (diffusers' convention: alpha = rank per module);
@@ -80,6 +84,72 @@ def factorize_delta(delta: torch.Tensor, rank: int | None = None) -> LoraFactors
         vh[:r].to(torch.float32).contiguous(),
         r,
         rel,
+    )
+
+
+@dataclass(frozen=True)
+class OperatorFactor:
+    """One group's K − I = U S Vᵀ, factored once: each layer's ΔW = W_old(K − I) = (W_old U S)·Vᵀ."""
+
+    k_minus_i: torch.Tensor  # (d, d) float64
+    us: torch.Tensor  # (d, d) float64: U·S, columns by decreasing singular value
+    vh: torch.Tensor  # (d, d) float64: Vᵀ
+    rank: int  # numerical rank of K − I at float32 resolution (at least 1)
+
+
+def factor_operator(k: torch.Tensor) -> OperatorFactor:
+    """Factor K − I (d × d) once, in float64, for every layer of its group.
+
+    The rank is cut where the factors stored in float32 could not tell the difference: a
+    singular value below σ₁·eps₃₂ (fp32 encoder noise sits there).
+    """
+    k = k.to(torch.float64)
+    k_minus_i = k - torch.eye(k.shape[0], dtype=k.dtype)
+    with one_thread():
+        u, s, vh = torch.linalg.svd(k_minus_i, full_matrices=False)
+    tol = s[0] * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    return OperatorFactor(k_minus_i, u * s, vh, max(1, int((s > tol).sum())))
+
+
+def operator_lora_factors(
+    w_old: torch.Tensor, factor: OperatorFactor, rank: int | None = None
+) -> LoraFactors:
+    """One layer's factors of ΔW = W_old(K − I) from its group's shared factor: one GEMM, no SVD.
+
+    Exact (``rank`` None): ``up = W_old U_r S_r``, ``down = V_rᵀ`` when the operator's rank r is
+    at most the layer's d_out; a layer narrower than r is ΔW itself, ``up = I``, ``down = ΔW``
+    (rank d_out, as its own SVD would give). Truncated: the best rank-``rank`` approximation of
+    ΔW, from a thin SVD of the d_out × r product (not of ΔW).
+
+    Args:
+        w_old: the layer's weight on the group's columns (d_out, d), any dtype (used in float64).
+        factor: the group's ``factor_operator(K)``.
+        rank: keep this many directions; None keeps the exact rank.
+
+    Returns:
+        float32 factors and the relative Frobenius error of ``up·down`` against W_old(K − I).
+    """
+    w = w_old.to(torch.float64)
+    d_out, r = w.shape[0], factor.rank
+    if rank is None and r > d_out:
+        delta = w @ factor.k_minus_i  # (d_out, d)
+        up = torch.eye(d_out, dtype=torch.float32)
+        return LoraFactors(up, delta.to(torch.float32).contiguous(), d_out, 0.0)
+    a = w @ factor.us  # (d_out, d): ΔW = a · Vᵀ, Vᵀ orthonormal rows
+    total = float((a**2).sum())
+    dropped = float((a[:, r:] ** 2).sum())  # below float32 resolution by construction
+    if rank is None:
+        up, down = a[:, :r], factor.vh[:r]
+    else:
+        with one_thread():
+            p, sig, qh = torch.linalg.svd(a[:, :r], full_matrices=False)
+        tol = sig[0] * torch.finfo(torch.float32).eps if sig.numel() else 0.0
+        r = max(1, min(rank, int((sig > tol).sum())))
+        dropped += float((sig[r:] ** 2).sum())
+        up, down = p[:, :r] * sig[:r], qh[:r] @ factor.vh[: qh.shape[1]]
+    rel = (dropped / total) ** 0.5 if total > 0 else 0.0
+    return LoraFactors(
+        up.to(torch.float32).contiguous(), down.to(torch.float32).contiguous(), r, rel
     )
 
 

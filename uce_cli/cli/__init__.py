@@ -5,6 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
+from uce_cli.interrupt import interrupted, stop_listening, watch_sigint
+
+
+def _exit_interrupted() -> None:
+    stop_listening()
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
+
+
 # Loading the CLI (Typer, Rich, pydantic) takes a noticeable moment: Ctrl-C then is an
 # interruption like any other, not a traceback.
 try:
@@ -12,6 +21,7 @@ try:
 
     from uce_cli import __version__
     from uce_cli.cli._common import CONTEXT_SETTINGS
+    from uce_cli.cli._group import UceGroup
     from uce_cli.cli.apply import apply
     from uce_cli.cli.attack import attack
     from uce_cli.cli.compare import compare
@@ -22,16 +32,14 @@ try:
     from uce_cli.cli.transfer import transfer
     from uce_cli.cli.validate import validate
     from uce_cli.cli.verify import verify
-except Exception as _exc:  # Ctrl-C wrapped by pydantic-core while it built a model's validator
+except KeyboardInterrupt:
+    _exit_interrupted()
+except Exception as _exc:  # a module left half-imported by a Ctrl-C, or one pydantic-core wrapped
     from uce_cli.errors import is_interrupt
 
-    if not is_interrupt(_exc):
+    if not (interrupted(_exc) or is_interrupt(_exc)):
         raise
-    print("error: interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
-except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    raise SystemExit(130) from None
+    _exit_interrupted()
 
 # Third-party chatter (download bars, backend notices) would bury uce's own stderr; errors still show.
 for _var, _value in (
@@ -47,6 +55,7 @@ app = typer.Typer(
     help="Unified Concept Editing: erase, moderate, debias and preserve concepts in text-to-image "
     "diffusion models, in closed form.",
     no_args_is_help=True,
+    cls=UceGroup,
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,
@@ -76,8 +85,12 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
+    watch_sigint()  # a Ctrl-C from here on is reported as an interruption, whatever it breaks
     try:
         app()
     except KeyboardInterrupt:  # outside a command's own error boundary
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        _exit_interrupted()
+    except Exception as exc:
+        if not interrupted(exc):
+            raise
+        _exit_interrupted()

@@ -17,6 +17,8 @@ from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 import typer
 
 from uce_cli.errors import RecipeError, UceError, UceWarning, is_interrupt
+from uce_cli.interrupt import interrupted, stop_listening
+from uce_cli.threads import use_threads
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,6 +53,25 @@ DtypeOpt = Annotated[
 ]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bars or status on stderr.")
+]
+
+
+def _set_threads(threads: int | None) -> int | None:
+    """Apply the thread count once, while the command line is parsed (before torch is loaded)."""
+    use_threads(threads)
+    return threads
+
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        envvar="UCE_THREADS",
+        callback=_set_threads,
+        help="CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may use — "
+        "its affinity and cgroup quota). On a machine shared with other jobs, 1 is often fastest.",
+    ),
 ]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
@@ -111,7 +132,14 @@ def handle_errors(func: F) -> F:
         debug = os.environ.get("UCE_DEBUG", "") not in ("", "0")
         try:
             with warnings_as_lines():
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                except (typer.Exit, typer.Abort, typer.BadParameter):
+                    raise
+                except Exception as exc:  # after a Ctrl-C: a half-imported module, a swallowed one
+                    if interrupted(exc) or is_interrupt(exc):
+                        raise KeyboardInterrupt from exc
+                    raise
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise  # Typer renders these itself (exit 0/1, or 2 for usage errors)
         except (UceError, RecipeError) as exc:
@@ -134,6 +162,9 @@ def handle_errors(func: F) -> F:
             )
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:  # a long run may say how far it got
+            stop_listening()
+            if debug:
+                traceback.print_exc()
             print_error(str(exc) or "interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:

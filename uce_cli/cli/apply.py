@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from uce_cli.cli._common import DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from uce_cli.cli._common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    QuietOpt,
+    ThreadsOpt,
+    handle_errors,
+    print_json,
+)
 from uce_cli.cli.merge import (
     AllowPickleOpt,
     FormatOpt,
@@ -128,6 +136,7 @@ def apply(
         ),
     ] = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply a recipe: encode its prompts once, solve every layer in closed form, write the outputs.

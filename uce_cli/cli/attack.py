@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from uce_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from uce_cli.cli._common import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    ThreadsOpt,
+    handle_errors,
+    print_json,
+)
 from uce_cli.console import RichProgress, err, out, silence_third_party
 from uce_cli.errors import UceError
 
@@ -92,6 +99,7 @@ def attack(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, metavar="N", help="Prompts per encoder pass.")
     ] = 32,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from uce_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from uce_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, ThreadsOpt, handle_errors, print_json
 from uce_cli.cli.merge import AllowPickleOpt
 from uce_cli.console import RichProgress, err, out, silence_third_party
 from uce_cli.errors import UceError
@@ -103,6 +103,7 @@ def eval_(
         typer.Option("--batch-size", min=1, metavar="N", help="Prompts per encoder pass."),
     ] = 32,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Judge an edit: efficacy, leakage and drift from the weights (CPU, seconds); image metrics

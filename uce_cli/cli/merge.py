@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from uce_cli.cli._common import JsonOpt, QuietOpt, handle_errors, print_json
+from uce_cli.cli._common import JsonOpt, QuietOpt, ThreadsOpt, handle_errors, print_json
 from uce_cli.console import err
 from uce_cli.edit.recipe import OUTPUT_FORMATS
 from uce_cli.errors import UceError
@@ -121,6 +121,7 @@ def merge(
     ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply a delta, LoRA or operator to a base model and write the result (default: a diffusers folder).

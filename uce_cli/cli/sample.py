@@ -12,11 +12,13 @@ from uce_cli.cli._common import (
     Dtype,
     JsonOpt,
     QuietOpt,
+    ThreadsOpt,
     handle_errors,
     print_error,
     print_json,
 )
 from uce_cli.console import RichProgress, err, out, plural
+from uce_cli.interrupt import stop_listening
 from uce_cli.weights.destination import check_sample_out
 
 
@@ -145,6 +147,7 @@ def sample(
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per pipeline call.")
     ] = 1,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Sample images from a model or an edit; with --compare, base and edited side by side.
@@ -225,6 +228,7 @@ def _run(
                 rows, out_dir, model, edit, compare, SampleOptions(**options), progress, ranks
             )
     except KeyboardInterrupt:
+        stop_listening()
         print_error(f"interrupted — the images already written stay in {out_dir}; rerun to resume")
         raise typer.Exit(130) from None
     if result.share is not None:

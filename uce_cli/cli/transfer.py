@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from uce_cli.cli._common import JsonOpt, QuietOpt, handle_errors
+from uce_cli.cli._common import JsonOpt, QuietOpt, ThreadsOpt, handle_errors
 from uce_cli.cli.merge import (
     AllowPickleOpt,
     ForceOpt,
@@ -46,6 +46,7 @@ def transfer(
     allow_pickle: AllowPickleOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply an edit operator K to another checkpoint with the same text encoder (W_new = W_old·K).

@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from uce_cli.cli._common import JsonOpt, QuietOpt, handle_errors, print_error, print_json
+from uce_cli.cli._common import (
+    JsonOpt,
+    QuietOpt,
+    ThreadsOpt,
+    handle_errors,
+    print_error,
+    print_json,
+)
 from uce_cli.cli.merge import AllowPickleOpt
 from uce_cli.console import err, out
 
@@ -61,6 +68,7 @@ def verify(
     ] = None,
     allow_pickle: AllowPickleOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare two edits' cross-attention k/v tensors; print a per-layer table; exit 1 beyond --rtol.

@@ -62,14 +62,19 @@ def _probe(endpoint: str) -> str | None:
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    """The repository's folder in the local Hugging Face cache, when its model_index.json is there."""
-    from huggingface_hub import hf_hub_download
+    """The repository's folder in the local Hugging Face cache, when its model_index.json is there.
+
+    A pure look-up in the cache folder: ``hf_hub_download(local_files_only=True)`` builds request
+    headers first, and that asks the Hub for its agent registry (one more request, up to 3 s)
+    even when uce already knows the Hub cannot be reached.
+    """
+    from huggingface_hub import try_to_load_from_cache
 
     try:
-        index = hf_hub_download(
-            repo_id, "model_index.json", revision=revision, local_files_only=True
-        )
-    except Exception:  # not cached (LocalEntryNotFoundError), or an invalid id: not usable offline
+        index = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    except Exception:  # an invalid id or revision: nothing usable in the cache
+        return None
+    if not isinstance(index, str):  # None (not cached) or the "known not to exist" marker
         return None
     return Path(index).parent
 
