@@ -106,13 +106,13 @@ def test_shipped_data_has_licence_and_source() -> None:
     assert shipped == sorted([*SHIPPED_FROM, *SHIPPED_ONLY])
     lists = [p for p in DATA_DIR.rglob("*") if p.is_file() and "upstream" not in p.parts]
     assert sum(p.stat().st_size for p in lists) < 200_000
-    # the unchanged prompt sets the published recipes name: about 1 MB, with their licence
+    # the unchanged prompt sets the published recipes name: about 1.1 MB, with their licence
     assert "MIT License" in (DATA_DIR / "upstream" / "LICENSE.upstream").read_text()
     copies = [p for p in (DATA_DIR / "upstream").rglob("*.csv")]
     assert sorted(str(p.relative_to(DATA_DIR / "upstream")) for p in copies) == sorted(
         SHIPPED_FILES
     )
-    assert sum(p.stat().st_size for p in copies) < 1_000_000
+    assert sum(p.stat().st_size for p in copies) < 1_200_000
     for name in SHIPPED_FILES:
         assert f"`{name.split('/')[0]}" in source or "prompts_dir/" in source
 

@@ -116,6 +116,7 @@ SHIPPED_ONLY = ("i2p-categories.txt",)
 SHIPPED_FILES: tuple[str, ...] = (
     "imagenette.csv",
     "profession_prompts.csv",
+    "train_profession_prompts.csv",
     *(
         f"prompts_dir/erased-{n}artists-towards_art-preserve_true-sd_1_4-method_replace.csv"
         for n in (1, 5, 10, 50, 100, 500, 1000)
