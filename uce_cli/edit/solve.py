@@ -178,12 +178,11 @@ def gram_matrix(stats: EditStats, scales: Scales) -> torch.Tensor:
     return (m + m.T) / 2
 
 
-def factorize(stats: EditStats, scales: Scales) -> torch.Tensor:
-    """Cholesky factor of M, refusing a singular system with a message the user can act on.
+def checked_gram_matrix(stats: EditStats, scales: Scales) -> torch.Tensor:
+    """M of finite scales and statistics, refused when it overflows.
 
     Raises:
-        SolveError: non-finite scales or statistics, M singular (λ = 0 with too few edit/preserve
-            vectors) or not positive definite.
+        SolveError: non-finite scales or statistics, or an M that is not finite.
     """
     check_scales(scales)
     check_statistics(stats)
@@ -194,6 +193,17 @@ def factorize(stats: EditStats, scales: Scales) -> torch.Tensor:
             f"erase_scale={scales.erase_scale:g}, preserve_scale={scales.preserve_scale:g}) — "
             "use scales of moderate size"
         )
+    return m
+
+
+def factorize(stats: EditStats, scales: Scales) -> torch.Tensor:
+    """Cholesky factor of M, refusing a singular system with a message the user can act on.
+
+    Raises:
+        SolveError: non-finite scales or statistics, M singular (λ = 0 with too few edit/preserve
+            vectors) or not positive definite.
+    """
+    m = checked_gram_matrix(stats, scales)
     d = stats.width
     if scales.lam == 0:
         with one_thread():
@@ -573,15 +583,7 @@ def solve_constrained(
     Raises:
         SolveError: as ``solve_edit``; ``nullspace.NoFreeDirectionError`` when nothing is free.
     """
-    check_scales(scales)
-    check_statistics(stats)
-    m = gram_matrix(stats, scales)
-    if nonfinite_count(m):
-        raise SolveError(
-            f"the Gram matrix M overflows (solver scales lambda={scales.lam:g}, "
-            f"erase_scale={scales.erase_scale:g}, preserve_scale={scales.preserve_scale:g}) — "
-            "use scales of moderate size"
-        )
+    m = checked_gram_matrix(stats, scales)
     with one_thread():
         space = nullspace.free_space(stats, scales.method, scales.null_space_threshold)
         chol = nullspace.compressed_factor(m, space)

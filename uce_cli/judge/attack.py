@@ -450,20 +450,10 @@ def run_attack_command(
 
 def attack_expectations(run: Run, figures: dict[str, float | None]) -> list[dict[str, Any]]:
     """The recipe's ``expect:`` rows that name attack figures, checked against ``figures``."""
-    rows = []
-    for item in run.evaluate.expect:
-        if item.metric not in ATTACK_FIGURES:
-            continue
-        measured = figures.get(item.metric)
-        ok = measured is not None and abs(measured - item.value) <= item.tolerance
-        rows.append(
-            {
-                "metric": item.metric,
-                "expected": item.value,
-                "tolerance": item.tolerance,
-                "measured": measured,
-                "source": item.source,
-                "ok": ok,
-            }
-        )
-    return rows
+    from uce_cli.judge.evaluate import expectation_row
+
+    return [
+        expectation_row(item, figures.get(item.metric))
+        for item in run.evaluate.expect
+        if item.metric in ATTACK_FIGURES
+    ]

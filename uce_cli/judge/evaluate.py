@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -166,22 +167,26 @@ def check_expectations(report: dict[str, Any], expect: list[Expect]) -> list[dic
     from uce_cli.judge.expectations import missing_reason
 
     figures = flat_figures(report)
-    rows = []
-    for item in expect:
-        measured = figures.get(item.metric)
-        ok = measured is not None and abs(measured - item.value) <= item.tolerance
-        rows.append(
-            {
-                "metric": item.metric,
-                "expected": item.value,
-                "tolerance": item.tolerance,
-                "measured": measured,
-                "source": item.source,
-                "ok": ok,
-                "reason": None if measured is not None else missing_reason(report, item.metric),
-            }
-        )
-    return rows
+    return [
+        expectation_row(item, figures.get(item.metric), lambda m: missing_reason(report, m))
+        for item in expect
+    ]
+
+
+def expectation_row(
+    item: Expect, measured: float | None, reason: Callable[[str], str | None] | None = None
+) -> dict[str, Any]:
+    """One checked ``expect:`` entry: within tolerance (``ok``), and why a figure is missing."""
+    ok = measured is not None and abs(measured - item.value) <= item.tolerance
+    return {
+        "metric": item.metric,
+        "expected": item.value,
+        "tolerance": item.tolerance,
+        "measured": measured,
+        "source": item.source,
+        "ok": ok,
+        "reason": None if measured is not None or reason is None else reason(item.metric),
+    }
 
 
 def build_report(run: Run, text: dict[str, Any] | None, images: dict[str, Any] | None) -> dict:
