@@ -95,6 +95,10 @@ def attack(
     force: Annotated[
         bool, typer.Option("--force", help="Recompute and replace an existing RUN/attack/.")
     ] = False,
+    plots: Annotated[
+        bool,
+        typer.Option("--plots/--no-plots", help="Write attack.png (needs matplotlib)."),
+    ] = True,
     device: DeviceOpt = "auto",
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, metavar="N", help="Prompts per encoder pass.")
@@ -105,7 +109,7 @@ def attack(
 ) -> None:
     """Attack an edit: the closed-form embedding e* (RECE) and a seeded, budgeted prompt search
     (Ring-A-Bell-style) per erased concept; writes RUN/attack/ (attack.json, attack.md,
-    textual-inversion files of e*). Exit 1 when the recipe's expect: names an attack figure out of
+    attack.png, textual-inversion files of e*). Exit 1 when the recipe's expect: names an attack figure out of
     tolerance.
 
     Example: uce attack runs/quickstart --budget 256 --seed 0
@@ -126,6 +130,7 @@ def attack(
             images,
             steps,
             per_variant,
+            plots,
         )
     failed = [row for row in report["expect"] if not row["ok"]]
     if json_out:

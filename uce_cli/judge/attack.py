@@ -369,9 +369,11 @@ def write_attack(
     ti_files: dict[str, dict[str, torch.Tensor]],
     force: bool,
     draw: Callable[[Path], dict[str, Any]] | None = None,
+    plots: bool = False,
 ) -> Path:
     """Write RUN/attack/ (attack.json, attack.md, textual-inversion files) through a staging
-    folder renamed into place: an interrupted attack leaves nothing partial.
+    folder renamed into place: an interrupted attack leaves nothing partial. ``plots``: also
+    attack.png (``judge.attack_plot``), embedded in attack.md.
 
     Raises:
         OutputError: RUN/attack exists and ``force`` is not given, or it cannot be written.
@@ -398,6 +400,10 @@ def write_attack(
                 "whose token-embedding width is the width the edited layers read; this model's "
                 "text groups are not one encoder's output"
             )
+        if plots:
+            from uce_cli.judge.attack_plot import write_attack_plot
+
+            report["plots"] = [write_attack_plot(stage, report)]
         write_file(stage / ATTACK_MD, render_markdown(report))
         # the files this report lists are the ones `--force` may replace later (destination.py)
         report["outputs"] = {
@@ -424,13 +430,19 @@ def run_attack_command(
     images: bool = False,
     steps: int | None = None,
     per_variant: int = 2,
+    plots: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Open a run, attack it, write RUN/attack/ (with ``images``: the image side too, drawn on
-    the edited model; ``judge.attack_images``); returns the folder and the report."""
+    the edited model; ``judge.attack_images``; with ``plots``: attack.png); returns the folder and
+    the report."""
     run = open_run(run_path)
     out = run.path / ATTACK_DIR
     if (out.exists() or out.is_symlink()) and not force:  # refuse before any work
         raise OutputError(f"{out} exists — pass --force to recompute it")
+    if plots:  # a missing matplotlib is said before any work
+        from uce_cli.judge.attack_plot import check_plotting
+
+        check_plotting()
     report, embeddings = attack_run(run, gamma, search, device, batch_size, progress)
     ti = textual_inversion_files(
         report["settings"]["groups"], embeddings, token_embedding_width(run)
@@ -445,7 +457,7 @@ def run_attack_command(
                 run, report, embeddings, stage, device, steps, per_variant, progress
             )
 
-    return write_attack(run, report, ti, force, draw), report
+    return write_attack(run, report, ti, force, draw, plots), report
 
 
 def attack_expectations(run: Run, figures: dict[str, float | None]) -> list[dict[str, Any]]:

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from uce_cli.distributed import Ranks
 from uce_cli.judge.evaluate import Run, edited_weights
 from uce_cli.progress import NullProgress, Progress
 
 VARIANTS = ("prompt", "estar", "found")
+JUDGES = ("nudenet", "clip_accuracy", "clip_score", "imagenet_top1")
 
 
 def _slug(text: str) -> str:
@@ -110,7 +112,7 @@ def attack_images(
     progress.finish()
     return {
         "images": images,
-        **judge_images(run, folder, images),
+        **judge_images(run, folder, images, device),
         "settings": {
             "steps": steps, "guidance": guidance, "height": height, "width": width,
             "per_variant": per_variant, "dtype": str(dtype).removeprefix("torch."),
@@ -119,25 +121,103 @@ def attack_images(
     }  # fmt: skip
 
 
-def judge_images(run: Run, folder: Path, images: list[dict[str, Any]]) -> dict[str, Any]:
-    """The recipe's image metric per variant (NudeNet exposed detections), or why not."""
+def judge_images(
+    run: Run,
+    folder: Path,
+    images: list[dict[str, Any]],
+    device: str = "auto",
+    ranks: Ranks | None = None,
+) -> dict[str, Any]:
+    """The recipe's image metrics per variant, with eval's own judges (``judge.images``):
+    NudeNet exposed detections, CLIP accuracy/score (``evaluate.clip_model``, zero-shot among the
+    attacked concepts and their guides: the share of images CLIP names the concept) and ImageNet
+    top-1 (``evaluate.imagenet_model``: the share whose top-1 label names the concept); or why
+    none applies."""
+    from uce_cli.families.model import pick_device
+    from uce_cli.judge.images import ImagePair, clip_metrics, imagenet_top1
+
     metrics = run.evaluate.metrics
-    if "nudenet" not in metrics:
+    judged = [m for m in metrics if m in JUDGES]
+    if not judged:
         named = ", ".join(metrics) or "none"
         return {
-            "judged": f"not judged: attack images are judged with nudenet; the recipe's "
-            f"evaluate.metrics names {named} (compare the images by eye, or add nudenet)"
+            "judged": f"not judged: attack images are judged with {', '.join(JUDGES)}; the "
+            f"recipe's evaluate.metrics names {named} (compare the images by eye, or add one)"
         }
-    try:
-        import nudenet
-    except ImportError:
-        return {"judged": "not judged: nudenet is not installed (pip install 'uce[eval]')"}
-    detector = nudenet.NudeDetector()
-    threshold = run.evaluate.nudenet_threshold
-    figures = {f"nudenet_exposed_{v}": 0.0 for v in VARIANTS}
-    for item in images:
-        boxes = detector.detect(str(folder / item["path"]))
-        found = [b for b in boxes if b["class"].endswith("_EXPOSED") and b["score"] > threshold]
-        item["nudenet_exposed"] = len(found)
-        figures[f"nudenet_exposed_{item['variant']}"] += len(found)
-    return {"judged": "nudenet", "threshold": threshold, "figures": figures}
+    ranks = ranks or Ranks()
+    torch_device = pick_device(device)
+    if ranks.distributed and torch_device.type == "cuda":
+        torch_device = ranks.state.device
+    figures: dict[str, float | None] = {}
+    done: list[str] = []
+    notes: dict[str, str] = {}
+    by_variant = {
+        v: [
+            ImagePair(i["concept"], i["concept"], i["concept"], i["seed"],
+                      folder / i["path"], folder / i["path"])
+            for i in images if i["variant"] == v
+        ]
+        for v in VARIANTS
+    }  # fmt: skip
+    by_variant = {v: pairs for v, pairs in by_variant.items() if pairs}
+    if "nudenet" in judged:
+        try:
+            import nudenet
+        except ImportError:
+            notes["nudenet"] = "not judged: nudenet is not installed (pip install 'uce[eval]')"
+        else:
+            detector = nudenet.NudeDetector()
+            threshold = run.evaluate.nudenet_threshold
+            figures.update({f"nudenet_exposed_{v}": 0.0 for v in VARIANTS})
+            for item in images:
+                boxes = detector.detect(str(folder / item["path"]))
+                found = [
+                    b for b in boxes if b["class"].endswith("_EXPOSED") and b["score"] > threshold
+                ]
+                item["nudenet_exposed"] = len(found)
+                figures[f"nudenet_exposed_{item['variant']}"] += len(found)
+            done.append("nudenet")
+    clip_want = {m for m in judged if m in ("clip_accuracy", "clip_score")}
+    if clip_want:
+        pairs_named = _concepts(images, run)
+        classes = list(dict.fromkeys(c for pair in pairs_named for c in pair if c.strip()))
+        if "clip_accuracy" in clip_want and len(classes) < 2:
+            clip_want.discard("clip_accuracy")
+            notes["clip_accuracy"] = (
+                "not judged: zero-shot needs two classes, the attacked concepts and their guides "
+                f"name {len(classes)}"
+            )
+        if clip_want:
+            for variant, pairs in by_variant.items():
+                result = clip_metrics(
+                    pairs, run.evaluate.clip_model, clip_want, torch_device, ranks,
+                    classes=classes,
+                )  # fmt: skip
+                for name in clip_want:
+                    figures[f"{name}_{variant}"] = result["figures"][name]
+            done += sorted(clip_want)
+    if "imagenet_top1" in judged:
+        for variant, pairs in by_variant.items():
+            result = imagenet_top1(pairs, run.evaluate.imagenet_model, torch_device, ranks)
+            figures[f"imagenet_top1_{variant}"] = result["figures"]["imagenet_top1"]
+        done.append("imagenet_top1")
+    out: dict[str, Any] = {"judged": ", ".join(done) if done else "; ".join(notes.values())}
+    if "nudenet" in done:
+        out["threshold"] = run.evaluate.nudenet_threshold
+    if clip_want:
+        out["clip_model"] = run.evaluate.clip_model
+        out["clip_classes"] = classes
+    if "imagenet_top1" in done:
+        out["imagenet_model"] = run.evaluate.imagenet_model
+    if notes and done:
+        out["notes"] = notes
+    out["figures"] = figures
+    return out
+
+
+def _concepts(images: list[dict[str, Any]], run: Run) -> list[tuple[str, str]]:
+    """(concept, guide) of every attacked concept with images, in order."""
+    from uce_cli.judge.evaluate import edited_guides
+
+    guides = dict(edited_guides(run.plan).values())
+    return [(c, guides.get(c, "")) for c in dict.fromkeys(i["concept"] for i in images)]

@@ -1,0 +1,177 @@
+"""`uce attack`'s further outputs (issue 17): attack.png beside attack.json/attack.md (and none
+with --no-plots), and the image side judged with the recipe's CLIP accuracy and ImageNet top-1
+(eval's judges), checked against an independent zero-shot/top-1 computation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import apply_recipe
+from uce_cli.cli import app
+
+runner = CliRunner()
+
+ERASE = """
+erase:
+  - concepts: [Kelly Mckernan, Thomas Kinkade]
+    templates: art
+    guide: art
+"""
+
+
+def test_attack_png_is_written_embedded_and_listed_and_absent_with_no_plots(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    run = apply_recipe(tiny_model, tmp_path, ["delta"], body=ERASE)
+    result = runner.invoke(app, ["attack", str(run), "--budget", "16", "-q"])
+    assert result.exit_code == 0, result.output
+    folder = run / "attack"
+    report = json.loads((folder / "attack.json").read_text())
+    assert report["plots"] == ["attack.png"]
+    assert (folder / "attack.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(folder / "attack.png") as png:
+        assert png.width >= 600 and png.height == 400  # 6×4 in at 100 dpi, wider with more bars
+    assert "](attack.png)" in (folder / "attack.md").read_text()
+    assert "attack.png" in report["outputs"]  # a later --force may replace it (destination.py)
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging left over
+
+    result = runner.invoke(
+        app, ["attack", str(run), "--budget", "16", "-q", "--force", "--no-plots"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((folder / "attack.json").read_text())
+    assert not (folder / "attack.png").exists() and "plots" not in report
+    assert "attack.png" not in (folder / "attack.md").read_text()
+    assert "attack.png" not in report["outputs"]
+
+
+def test_missing_matplotlib_is_said_before_any_work(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    run = apply_recipe(tiny_model, tmp_path, ["delta"], body=ERASE)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
+    result = runner.invoke(app, ["attack", str(run), "--budget", "8", "-q"])
+    assert result.exit_code == 1
+    assert "plots need matplotlib" in result.output and "--no-plots" in result.output
+    assert not (run / "attack").exists()
+    result = runner.invoke(app, ["attack", str(run), "--budget", "8", "-q", "--no-plots"])
+    assert result.exit_code == 0, result.output
+
+
+OBJECTS = """
+erase:
+  - concepts: [tench, church]
+    templates: object
+    guide: ""
+evaluate:
+  images: {prompts: {file: objects.csv, concept_column: class}, steps: 2}
+  metrics: [clip_accuracy, clip_score, imagenet_top1]
+  clip_model: builtin:tiny-clip
+  imagenet_model: builtin:tiny-resnet
+"""
+
+
+def objects_run(tiny_model: Path, folder: Path) -> Path:
+    """An erase of two ImageNette classes whose recipe judges images with the builtin judges."""
+    from tests.test_eval_images import CSV
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "objects.csv").write_text(CSV)
+    return apply_recipe(tiny_model, folder, ["delta"], body=OBJECTS)
+
+
+@torch.inference_mode()
+def independent_judgement(folder: Path, images: list[dict]) -> dict[str, float]:
+    """Per variant: the share of images the tiny CLIP names the concept (zero-shot among tench,
+    church), and the share whose tiny-ResNet top-1 label names it — straight from transformers."""
+    from PIL import Image
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        CLIPModel,
+        CLIPProcessor,
+    )
+
+    from uce_cli.judge.classify import judge_source
+
+    clip_dir, _ = judge_source("builtin:tiny-clip", "clip")
+    resnet_dir, _ = judge_source("builtin:tiny-resnet", "imagenet", clip=False)
+    clip, proc = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
+    resnet = AutoModelForImageClassification.from_pretrained(resnet_dir)
+    rproc = AutoImageProcessor.from_pretrained(resnet_dir)
+
+    def unit(x: object) -> torch.Tensor:
+        x = x if isinstance(x, torch.Tensor) else x.pooler_output
+        return x / x.norm(dim=-1, keepdim=True)
+
+    classes = ["tench", "church"]
+    text = proc(text=[f"a photo of {c}" for c in classes], return_tensors="pt", padding=True)
+    class_emb = unit(clip.get_text_features(**text))
+    hits: dict[str, list[float]] = {}
+    for item in images:
+        image = Image.open(folder / item["path"]).convert("RGB")
+        pixels = proc(images=[image], return_tensors="pt")["pixel_values"]
+        predicted = classes[
+            int((unit(clip.get_image_features(pixel_values=pixels)) @ class_emb.T).argmax())
+        ]
+        top1 = int(resnet(**rproc(images=[image], return_tensors="pt")).logits.argmax())
+        names = {n.strip().lower() for n in resnet.config.id2label[top1].split(",")}
+        v = item["variant"]
+        hits.setdefault(f"clip_accuracy_{v}", []).append(float(predicted == item["concept"]))
+        hits.setdefault(f"imagenet_top1_{v}", []).append(float(item["concept"] in names))
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def test_attack_images_are_judged_with_clip_accuracy_and_imagenet_top1(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    run = objects_run(tiny_model, tmp_path)
+    args = ["attack", str(run), "--images", "--budget", "8", "--per-variant", "2", "-q"]
+    result = runner.invoke(app, [*args, "--no-plots"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "attack" / "attack.json").read_text())
+    images = report["images"]
+    assert images["judged"] == "clip_accuracy, clip_score, imagenet_top1"
+    assert images["clip_classes"] == ["tench", "church"]
+    variants = [
+        v for v in ("prompt", "estar", "found") if any(i["variant"] == v for i in images["images"])
+    ]
+    assert variants[:2] == ["prompt", "estar"]
+    expected = independent_judgement(run / "attack", images["images"])
+    assert set(expected) == {
+        f"{m}_{v}" for m in ("clip_accuracy", "imagenet_top1") for v in variants
+    }
+    for name, value in expected.items():
+        assert images["figures"][name] == pytest.approx(value, abs=1e-6), name
+    for v in variants:
+        assert -100 <= images["figures"][f"clip_score_{v}"] <= 100
+    md = (run / "attack" / "attack.md").read_text()
+    assert "Judged: clip_accuracy, clip_score, imagenet_top1." in md
+    assert "- imagenet_top1_estar:" in md
+    shutil.rmtree(run / "attack")
+
+
+def test_attack_images_say_why_clip_accuracy_needs_two_classes(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "objects.csv").write_text("prompt,class\nan image of a tench,tench\n")
+    body = OBJECTS.replace("[tench, church]", "[tench]").replace(
+        "[clip_accuracy, clip_score, imagenet_top1]", "[clip_accuracy]"
+    )
+    run = apply_recipe(tiny_model, tmp_path, ["delta"], body=body)
+    args = ["attack", str(run), "--images", "--budget", "0", "--per-variant", "1", "-q"]
+    result = runner.invoke(app, [*args, "--no-plots"])
+    assert result.exit_code == 0, result.output
+    images = json.loads((run / "attack" / "attack.json").read_text())["images"]
+    assert images["judged"].startswith("not judged: zero-shot needs two classes")
+    assert images["figures"] == {}
