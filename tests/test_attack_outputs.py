@@ -81,17 +81,20 @@ evaluate:
 """
 
 
-def objects_run(tiny_model: Path, folder: Path) -> Path:
+def objects_run(tiny_model: Path, folder: Path, resnet: str = "builtin:tiny-resnet") -> Path:
     """An erase of two ImageNette classes whose recipe judges images with the builtin judges."""
     from tests.test_eval_images import CSV
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "objects.csv").write_text(CSV)
-    return apply_recipe(tiny_model, folder, ["delta"], body=OBJECTS)
+    body = OBJECTS.replace("builtin:tiny-resnet", resnet)
+    return apply_recipe(tiny_model, folder, ["delta"], body=body)
 
 
 @torch.inference_mode()
-def independent_judgement(folder: Path, images: list[dict]) -> dict[str, float]:
+def independent_judgement(
+    folder: Path, images: list[dict], resnet: str = "builtin:tiny-resnet"
+) -> dict[str, float]:
     """Per variant: the share of images the tiny CLIP names the concept (zero-shot among tench,
     church), and the share whose tiny-ResNet top-1 label names it — straight from transformers."""
     from PIL import Image
@@ -105,7 +108,7 @@ def independent_judgement(folder: Path, images: list[dict]) -> dict[str, float]:
     from uce_cli.judge.classify import judge_source
 
     clip_dir, _ = judge_source("builtin:tiny-clip", "clip")
-    resnet_dir, _ = judge_source("builtin:tiny-resnet", "imagenet", clip=False)
+    resnet_dir, _ = judge_source(resnet, "imagenet", clip=False)
     clip, proc = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
     resnet = AutoModelForImageClassification.from_pretrained(resnet_dir)
     rproc = AutoImageProcessor.from_pretrained(resnet_dir)
@@ -175,3 +178,28 @@ def test_attack_images_say_why_clip_accuracy_needs_two_classes(
     images = json.loads((run / "attack" / "attack.json").read_text())["images"]
     assert images["judged"].startswith("not judged: zero-shot needs two classes")
     assert images["figures"] == {}
+
+
+def test_attack_images_top1_counts_the_label_names_of_the_concept(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The builtin ResNet relabelled so that every even class is named tench and every odd one
+    church: its top-1 names the concept about half the time, so the per-variant shares are not
+    all 0 and must match the independent count."""
+    from uce_cli.judge.classify import judge_source
+
+    source, _ = judge_source("builtin:tiny-resnet", "imagenet", clip=False)
+    resnet = Path(shutil.copytree(source, tmp_path / "resnet"))
+    config = json.loads((resnet / "config.json").read_text())
+    config["id2label"] = {str(i): "tench" if i % 2 == 0 else "church" for i in range(1000)}
+    config["label2id"] = {"tench": 0, "church": 1}
+    (resnet / "config.json").write_text(json.dumps(config))
+    run = objects_run(tiny_model, tmp_path / "r", str(resnet))
+    args = ["attack", str(run), "--images", "--budget", "8", "--per-variant", "3", "-q"]
+    assert runner.invoke(app, [*args, "--no-plots"]).exit_code == 0
+    images = json.loads((run / "attack" / "attack.json").read_text())["images"]
+    expected = independent_judgement(run / "attack", images["images"], str(resnet))
+    top1 = {k: v for k, v in expected.items() if k.startswith("imagenet_top1_")}
+    assert len(top1) == 3 and 0 < sum(top1.values()) < 3  # neither all hits nor all misses
+    for name, value in top1.items():
+        assert images["figures"][name] == pytest.approx(value, abs=1e-6), name
