@@ -81,13 +81,15 @@ evaluate:
 """
 
 
-def objects_run(tiny_model: Path, folder: Path, resnet: str = "builtin:tiny-resnet") -> Path:
+def objects_run(
+    tiny_model: Path, folder: Path, resnet: str = "builtin:tiny-resnet", more: str = ""
+) -> Path:
     """An erase of two ImageNette classes whose recipe judges images with the builtin judges."""
     from tests.test_eval_images import CSV
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "objects.csv").write_text(CSV)
-    body = OBJECTS.replace("builtin:tiny-resnet", resnet)
+    body = OBJECTS.replace("builtin:tiny-resnet", resnet).replace("top1]", f"top1{more}]")
     return apply_recipe(tiny_model, folder, ["delta"], body=body)
 
 
@@ -203,3 +205,46 @@ def test_attack_images_top1_counts_the_label_names_of_the_concept(
     assert len(top1) == 3 and 0 < sum(top1.values()) < 3  # neither all hits nor all misses
     for name, value in top1.items():
         assert images["figures"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_two_launched_processes_draw_and_judge_the_one_process_attack_images(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`accelerate launch` with two CPU processes: image i is rank i % 2's, the judges (NudeNet,
+    CLIP, ResNet) score each rank's share; images, per-image counts and figures equal a
+    one-process run's."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from tests.test_distributed import launch
+
+    pytest.importorskip("nudenet", reason="nudenet is not installed")
+    one = objects_run(tiny_model, tmp_path / "one", more=", nudenet")
+    two = Path(shutil.copytree(one, tmp_path / "two" / "out", symlinks=True))
+    args = ["--images", "--budget", "8", "--per-variant", "2", "--device", "cpu", "-q"]
+    # launched processes run one thread each; the reference too (CPU rounding follows threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = runner.invoke(app, ["attack", str(one), *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    proc = launch(2, "attack", two, *args)
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((one / "attack" / "attack.json").read_text())
+    b = json.loads((two / "attack" / "attack.json").read_text())
+    assert a["images"]["settings"]["drawn_per_rank"] == [12]
+    assert b["images"]["settings"]["drawn_per_rank"] == [6, 6]  # images 0, 2, … and 1, 3, …
+    assert a["images"]["judged"] == "nudenet, clip_accuracy, clip_score, imagenet_top1"
+    # same order, prompts, seeds, paths and per-image NudeNet counts
+    assert b["images"]["images"] == a["images"]["images"]
+    assert len(a["images"]["images"]) == 12  # 2 concepts × 3 variants × 2 seeds
+    for key, value in a["figures"].items():  # the text attack: rank 0's, sent to rank 1
+        assert b["figures"][key] == pytest.approx(value, abs=1e-5), key
+    assert set(b["images"]["figures"]) == set(a["images"]["figures"])
+    for key, value in a["images"]["figures"].items():
+        assert b["images"]["figures"][key] == pytest.approx(value, abs=1e-5), key
+    for item in a["images"]["images"]:  # rank 1 drew every other image into rank 0's stage
+        assert (two / "attack" / item["path"]).read_bytes() == (
+            one / "attack" / item["path"]
+        ).read_bytes()
+    assert not [p for p in two.iterdir() if p.name.startswith(".")]  # no staging left over

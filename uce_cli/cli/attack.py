@@ -114,11 +114,15 @@ def attack(
 
     Example: uce attack runs/quickstart --budget 256 --seed 0
     """
+    from uce_cli.distributed import init_ranks
     from uce_cli.judge.attack import SearchSettings, run_attack_command
 
     silence_third_party()
     search = SearchSettings(seed=seed, budget=budget, length=length) if budget > 0 else None
-    with RichProgress(enabled=not quiet) as progress:
+    # Under `accelerate launch` the --images are drawn and judged across the ranks; rank 0
+    # attacks and writes RUN/attack/.
+    ranks = init_ranks(getattr(device, "value", device))
+    with RichProgress(enabled=not quiet and ranks.main) as progress:
         folder, report = run_attack_command(
             run,
             _gamma(gamma),
@@ -131,7 +135,10 @@ def attack(
             steps,
             per_variant,
             plots,
+            ranks,
         )
+    if not ranks.main:
+        return
     failed = [row for row in report["expect"] if not row["ok"]]
     if json_out:
         print_json(report)
