@@ -81,7 +81,9 @@ def attack(
         typer.Option(
             "--images",
             help="Also sample the edited model with each concept's prompt, with e* injected and "
-            "with the best found prompt (SD 1.x/2.x), judged with the recipe's nudenet metric.",
+            "with the best found prompt (SD 1.x/2.x), judged with the recipe's metrics (nudenet, "
+            "clip_accuracy, clip_score, imagenet_top1); split over the ranks under accelerate "
+            "launch.",
         ),
     ] = False,
     steps: Annotated[

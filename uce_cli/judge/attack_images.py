@@ -1,6 +1,7 @@
 """The image side of ``uce attack``: the edited model sampled with each concept's own prompt, with
 e* injected at its word token, and with the best prompt the search found — judged with the
-recipe's image metric (NudeNet where ``evaluate.metrics`` names it).
+recipe's image metrics (NudeNet, CLIP accuracy/score, ImageNet top-1 where ``evaluate.metrics``
+names them), with ``uce eval``'s judges.
 
 e* lives in the text encoder's output space, so it is injected exactly: the concept prompt's
 hidden states with the word-token row replaced by e*, fed as ``prompt_embeds`` (the textual-
