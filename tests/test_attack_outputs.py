@@ -248,3 +248,38 @@ def test_two_launched_processes_draw_and_judge_the_one_process_attack_images(
             one / "attack" / item["path"]
         ).read_bytes()
     assert not [p for p in two.iterdir() if p.name.startswith(".")]  # no staging left over
+
+
+def test_launched_attack_without_images_is_rank_zeros_alone(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Without --images the other ranks have nothing to do: they return at once and rank 0
+    attacks and writes alone (nobody waits on a collective the others never join)."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from tests.test_distributed import launch
+
+    run = apply_recipe(tiny_model, tmp_path, ["delta"], body=ERASE)
+    proc = launch(2, "attack", run, "--budget", "8", "--device", "cpu", "-q", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run / "attack" / "attack.json").read_text())
+    assert set(report["concepts"]) == {"Kelly Mckernan", "Thomas Kinkade"}
+    assert proc.stdout.count("Kelly Mckernan") == 1  # rank 0 prints the table, rank 1 nothing
+
+
+def test_launched_attack_images_failing_on_rank_zero_stop_every_rank(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Only rank 0 attacks, so only rank 0 reads the edit first: a truncated edit.safetensors
+    fails there, rank 0 tells rank 1 instead of sending a report, both stop (no rank waits
+    forever) and nothing is written."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from tests.test_distributed import launch
+
+    run = apply_recipe(tiny_model, tmp_path, ["delta"], body=ERASE)
+    edit = run / "edit.safetensors"
+    edit.write_bytes(edit.read_bytes()[:100])
+    proc = launch(2, "attack", run, "--images", "--budget", "0", "--device", "cpu", "-q")
+    assert proc.returncode == 1, proc.stderr
+    assert "edit.safetensors: cannot read it" in proc.stderr
+    assert "rank 0 failed: " in proc.stderr  # what rank 1 says
+    assert not (run / "attack").exists()

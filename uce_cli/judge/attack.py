@@ -461,13 +461,14 @@ def run_attack_command(
             )
             report["expect"] = attack_expectations(run, report["figures"])
         except BaseException as exc:
-            if ranks.distributed:  # the other ranks wait for the report: tell them instead
+            if images and ranks.distributed:  # the other ranks wait for the report: tell them
                 ranks.broadcast(f"rank 0 failed: {exc}")
             raise
-    sent = ranks.broadcast((report, embeddings) if ranks.main else None)
-    if isinstance(sent, str):
-        raise UceError(sent)
-    report, embeddings = sent
+    if images and ranks.distributed:  # only --images has the other ranks take part
+        sent = ranks.broadcast((report, embeddings) if ranks.main else None)
+        if isinstance(sent, str):
+            raise UceError(sent)
+        report, embeddings = sent
     draw = None
     started: list[bool] = []  # draw was called: the other ranks have the staging folder
     if images:
