@@ -81,7 +81,9 @@ def attack(
         typer.Option(
             "--images",
             help="Also sample the edited model with each concept's prompt, with e* injected and "
-            "with the best found prompt (SD 1.x/2.x), judged with the recipe's nudenet metric.",
+            "with the best found prompt (SD 1.x/2.x), judged with the recipe's metrics (nudenet, "
+            "clip_accuracy, clip_score, imagenet_top1); split over the ranks under accelerate "
+            "launch.",
         ),
     ] = False,
     steps: Annotated[
@@ -95,6 +97,10 @@ def attack(
     force: Annotated[
         bool, typer.Option("--force", help="Recompute and replace an existing RUN/attack/.")
     ] = False,
+    plots: Annotated[
+        bool,
+        typer.Option("--plots/--no-plots", help="Write attack.png (needs matplotlib)."),
+    ] = True,
     device: DeviceOpt = "auto",
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, metavar="N", help="Prompts per encoder pass.")
@@ -105,16 +111,20 @@ def attack(
 ) -> None:
     """Attack an edit: the closed-form embedding e* (RECE) and a seeded, budgeted prompt search
     (Ring-A-Bell-style) per erased concept; writes RUN/attack/ (attack.json, attack.md,
-    textual-inversion files of e*). Exit 1 when the recipe's expect: names an attack figure out of
+    attack.png, textual-inversion files of e*). Exit 1 when the recipe's expect: names an attack figure out of
     tolerance.
 
     Example: uce attack runs/quickstart --budget 256 --seed 0
     """
+    from uce_cli.distributed import init_ranks
     from uce_cli.judge.attack import SearchSettings, run_attack_command
 
     silence_third_party()
     search = SearchSettings(seed=seed, budget=budget, length=length) if budget > 0 else None
-    with RichProgress(enabled=not quiet) as progress:
+    # Under `accelerate launch` the --images are drawn and judged across the ranks; rank 0
+    # attacks and writes RUN/attack/.
+    ranks = init_ranks(getattr(device, "value", device))
+    with RichProgress(enabled=not quiet and ranks.main) as progress:
         folder, report = run_attack_command(
             run,
             _gamma(gamma),
@@ -126,7 +136,11 @@ def attack(
             images,
             steps,
             per_variant,
+            plots,
+            ranks,
         )
+    if not ranks.main:
+        return
     failed = [row for row in report["expect"] if not row["ok"]]
     if json_out:
         print_json(report)

@@ -24,6 +24,7 @@ import torch
 
 from uce_cli.artifacts.editlog import package_versions
 from uce_cli.artifacts.outputs import abandon_stage, finalize, staging_dir, write_json
+from uce_cli.distributed import Ranks
 from uce_cli.edit.adversary import (
     Normal,
     attack_embeddings,
@@ -369,9 +370,11 @@ def write_attack(
     ti_files: dict[str, dict[str, torch.Tensor]],
     force: bool,
     draw: Callable[[Path], dict[str, Any]] | None = None,
+    plots: bool = False,
 ) -> Path:
     """Write RUN/attack/ (attack.json, attack.md, textual-inversion files) through a staging
-    folder renamed into place: an interrupted attack leaves nothing partial.
+    folder renamed into place: an interrupted attack leaves nothing partial. ``plots``: also
+    attack.png (``judge.attack_plot``), embedded in attack.md.
 
     Raises:
         OutputError: RUN/attack exists and ``force`` is not given, or it cannot be written.
@@ -398,6 +401,10 @@ def write_attack(
                 "whose token-embedding width is the width the edited layers read; this model's "
                 "text groups are not one encoder's output"
             )
+        if plots:
+            from uce_cli.judge.attack_plot import write_attack_plot
+
+            report["plots"] = [write_attack_plot(stage, report)]
         write_file(stage / ATTACK_MD, render_markdown(report))
         # the files this report lists are the ones `--force` may replace later (destination.py)
         report["outputs"] = {
@@ -424,28 +431,68 @@ def run_attack_command(
     images: bool = False,
     steps: int | None = None,
     per_variant: int = 2,
-) -> tuple[Path, dict[str, Any]]:
+    plots: bool = False,
+    ranks: Ranks | None = None,
+) -> tuple[Path | None, dict[str, Any]]:
     """Open a run, attack it, write RUN/attack/ (with ``images``: the image side too, drawn on
-    the edited model; ``judge.attack_images``); returns the folder and the report."""
+    the edited model; ``judge.attack_images``; with ``plots``: attack.png); returns the folder and
+    the report.
+
+    Under ``accelerate launch`` (``ranks``) rank 0 attacks and sends every rank the report; with
+    ``images`` the ranks draw and judge the images together into rank 0's staging folder; rank 0
+    writes RUN/attack/ and the other ranks return no folder (without ``images`` they do nothing).
+    """
+    ranks = ranks or Ranks()
     run = open_run(run_path)
     out = run.path / ATTACK_DIR
     if (out.exists() or out.is_symlink()) and not force:  # refuse before any work
         raise OutputError(f"{out} exists — pass --force to recompute it")
-    report, embeddings = attack_run(run, gamma, search, device, batch_size, progress)
-    ti = textual_inversion_files(
-        report["settings"]["groups"], embeddings, token_embedding_width(run)
-    )
-    report["expect"] = attack_expectations(run, report["figures"])
+    if not ranks.main and not images:
+        return None, {}
+    if plots and ranks.main:  # a missing matplotlib is said before any work
+        from uce_cli.judge.attack_plot import check_plotting
+
+        check_plotting()
+    if ranks.main:
+        try:
+            report, embeddings = attack_run(run, gamma, search, device, batch_size, progress)
+            ti = textual_inversion_files(
+                report["settings"]["groups"], embeddings, token_embedding_width(run)
+            )
+            report["expect"] = attack_expectations(run, report["figures"])
+        except BaseException as exc:
+            if images and ranks.distributed:  # the other ranks wait for the report: tell them
+                ranks.broadcast(f"rank 0 failed: {exc}")
+            raise
+    if images and ranks.distributed:  # only --images has the other ranks take part
+        sent = ranks.broadcast((report, embeddings) if ranks.main else None)
+        if isinstance(sent, str):
+            raise UceError(sent)
+        report, embeddings = sent
     draw = None
+    started: list[bool] = []  # draw was called: the other ranks have the staging folder
     if images:
         from uce_cli.judge.attack_images import attack_images
 
         def draw(stage: Path) -> dict[str, Any]:
+            started.append(True)
+            stage = ranks.broadcast(stage)
             return attack_images(
-                run, report, embeddings, stage, device, steps, per_variant, progress
+                run, report, embeddings, stage, device, steps, per_variant, progress, ranks
             )
 
-    return write_attack(run, report, ti, force, draw), report
+        if not ranks.main:
+            stage = ranks.broadcast(None)
+            if stage is None:
+                raise UceError("rank 0 stopped before the attack images were drawn")
+            attack_images(run, report, embeddings, stage, device, steps, per_variant, None, ranks)
+            return None, report
+    try:
+        return write_attack(run, report, ti, force, draw, plots), report
+    except BaseException:
+        if draw is not None and ranks.distributed and not started:
+            ranks.broadcast(None)  # stopped before drawing: release the waiting ranks
+        raise
 
 
 def attack_expectations(run: Run, figures: dict[str, float | None]) -> list[dict[str, Any]]:

@@ -33,6 +33,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| --- | --- |",
         *(f"| {k} | {fmt(v)} |" for k, v in report["figures"].items()),
         "",
+        *(
+            f"![attack recovery per concept and layer group]({p})\n"
+            for p in report.get("plots") or []
+        ),
         "| concept | guide | e* word | e* aligned | discrete | best prompt |",
         "| --- | --- | --- | --- | --- | --- |",
     ]

@@ -263,8 +263,10 @@ def clip_metrics(
     device: torch.device,
     ranks: Ranks | None = None,
     allow_pickle: bool = False,
+    classes: list[str] | None = None,
 ) -> dict:
-    """clip_score(_base) and clip_accuracy(_base)."""
+    """clip_score(_base) and clip_accuracy(_base); ``classes``: the zero-shot classes (default:
+    the concepts the pairs name)."""
     from transformers import CLIPModel, CLIPProcessor
 
     model = _from_pretrained(CLIPModel, model_id, "clip_score", allow_pickle)
@@ -279,7 +281,8 @@ def clip_metrics(
         x = processor(images=_open(paths), return_tensors="pt")["pixel_values"].to(device)
         return _unit(model.get_image_features(pixel_values=x))
 
-    classes = list(dict.fromkeys(p.concept for p in pairs if p.concept))
+    if classes is None:
+        classes = list(dict.fromkeys(p.concept for p in pairs if p.concept))
     if "clip_accuracy" in want and len(classes) < 2:
         raise DataError(
             "clip_accuracy needs a prompt set whose rows name at least two concepts "
