@@ -16,6 +16,15 @@ of that plain edit::
 (x over the candidate's preserve rows, l over the edited layers, summed over groups): the
 relative movement of the candidate's outputs, pooled over layers. The ``top`` N most moved
 concepts join the preserve set (their Gram into G_p); ties keep the candidate order.
+
+``auto: {top: N, augment: {copies: K, scale: s, directions: r, seed: S}}`` also preserves K
+seeded perturbations of every chosen vector x (a one-operator variant of SPEED's DPA)::
+
+    x' = x + s ‖x‖ V_r ξ / √r,   ξ ~ N(0, I_r),   V_r = the r weakest eigenvectors of H_W
+
+H_W = Σ_l W_lᵀ W_l is the Gram of the group's stacked W_old, so V_r are the weakest
+right-singular directions of all its layers pooled: one set of directions, one G_p, one operator
+per group (SPEED draws them per layer; docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import torch
 
 from uce_cli.edit.encode import encode_prompts, preserve_rows
 from uce_cli.edit.plan import AutoCandidates
+from uce_cli.edit.recipe import AugmentPreserve
+from uce_cli.errors import RecipeError
 from uce_cli.families.base import TextPath
 from uce_cli.progress import NullProgress, Progress
 
@@ -93,16 +104,54 @@ class AutoChoice:
     drift: dict[str, float]  # candidate → relative drift under the plain edit
     prompts: list[str] = field(default_factory=list)  # the chosen concepts' prompts
     rows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # group → (n, d)
+    augment: dict[str, Any] | None = None  # the settings and vectors added per group, if any
 
     def record(self) -> dict[str, Any]:
         """The edit log's entry."""
-        return {
+        entry = {
             "section": self.section,
             "top": self.top,
             "candidates": len(self.drift),
             "chosen": self.chosen,
             "drift": {c: round(v, 8) for c, v in self.drift.items()},
         }
+        if self.augment is not None:
+            entry["augment"] = self.augment
+        return entry
+
+
+def weakest_directions(h_w: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` eigenvectors of H_W with the smallest eigenvalues, ``(d, count)`` float64."""
+    _, vectors = torch.linalg.eigh(h_w.to("cpu", torch.float64))
+    return vectors[:, :count]
+
+
+def augment_rows(
+    rows: torch.Tensor, h_w: torch.Tensor, augment: AugmentPreserve, where: str
+) -> torch.Tensor:
+    """``augment.copies`` seeded perturbations of every row (float64, copies × n rows, copy-major).
+
+    Args:
+        rows: the chosen preserve vectors ``(n, d)``.
+        h_w: Σ W_lᵀ W_l of the group's layers (d × d).
+        augment: the recipe's settings.
+        where: the preserve group's section, for errors.
+    """
+    n, d = rows.shape
+    if augment.directions > d:
+        raise RecipeError(
+            [
+                f"{where}.auto.augment.directions: {augment.directions} is more than the text "
+                f"width {d} — use at most {d}"
+            ]
+        )
+    v = weakest_directions(h_w, augment.directions)
+    gen = torch.Generator().manual_seed(augment.seed)
+    xi = torch.randn(augment.copies, n, augment.directions, generator=gen, dtype=torch.float64)
+    x = rows.to("cpu", torch.float64)
+    step = (xi @ v.T) * (augment.scale / augment.directions**0.5)
+    perturbed = x + x.norm(dim=1, keepdim=True) * step  # (copies, n, d)
+    return perturbed.reshape(-1, d)
 
 
 @torch.no_grad()
@@ -164,7 +213,13 @@ def choose_preserve(
         for group in forms
     }
     prompts = [p for c in chosen for p in candidates.concepts[c]]
-    return AutoChoice(candidates.section, candidates.top, chosen, drift, prompts, rows)
+    augment = candidates.augment
+    if augment is None:
+        return AutoChoice(candidates.section, candidates.top, chosen, drift, prompts, rows)
+    extra = {g: augment_rows(rows[g], forms[g][1], augment, candidates.section) for g in forms}
+    record = augment.model_dump() | {"vectors": {g: int(x.shape[0]) for g, x in extra.items()}}
+    rows = {g: torch.cat([rows[g], extra[g]]) for g in forms}
+    return AutoChoice(candidates.section, candidates.top, chosen, drift, prompts, rows, record)
 
 
 def with_preserved(stats: EditStats, rows: torch.Tensor) -> EditStats:
