@@ -11,7 +11,8 @@ in each alignment mode of ``--alignments``) is solved three ways on the same sta
 With ``--augment COPIES,SCALE,DIRECTIONS`` (seed 0) four more rows per size: least-squares+auto,
 both methods' auto rows again with the chosen vectors' seeded perturbations
 (``auto: {top: N, augment: …}``, "+dpa": docs/design.md §8), and a control, least-squares+auto+dup:
-the same number of copies with scale 0 (the chosen vectors repeated, i.e. weighted K+1 times).
+the same number of copies with scale 0 (which the shared weight turns back into plain auto, up to
+rounding: a check that the "+dpa" change comes from the perturbations).
 
 and judged with ``uce eval``'s text-side figures (docs/metrics.md): efficacy (all aligned
 positions) and efficacy_word (the last word token) on held-out phrasings of the erased artists
@@ -213,7 +214,10 @@ def run_alignment(
                     dpa = AugmentPreserve(copies=copies, scale=scale, directions=directions)
                     candidates = dataclasses.replace(candidates, augment=dpa)
                 choice = choose_preserve(candidates, text_path, alignment, forms)
-                group_stats = with_preserved(auto_stats, choice.rows[text_path.groups[0].name])
+                group = text_path.groups[0].name
+                group_stats = with_preserved(
+                    auto_stats, choice.rows[group], choice.counts.get(group)
+                )
                 chosen = choice.chosen
                 choose_s = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -56,8 +56,10 @@ def test_augment_is_seeded_recorded_and_constrained(tiny_model: Path, tmp_path: 
         dw = deltas[0][f"unet.{k}"].double() - w.double()
         assert float((copies @ dw.T).norm() / (copies @ w.double().T).norm()) < 1e-5, k
         assert float((v.T @ dw.T).norm() / (v.T @ w.double().T).norm()) < 1e-5, k
-    _, plain = run(tiny_model, tmp_path / "p", AUTO_RECIPE + NULL_SPACE)
+    plain_log, plain = run(tiny_model, tmp_path / "p", AUTO_RECIPE + NULL_SPACE)
     assert any(not torch.equal(deltas[0][k], plain[k]) for k in plain)
+    # ... and only those two directions leave the free space (copies count once for τ)
+    assert logs[0]["solver"]["kept_rank"] == plain_log["solver"]["kept_rank"] - 2
 
     # Under least squares the draw itself matters: the same seed, the same edit; another, another.
     ls = [run(tiny_model, tmp_path / f"ls{i}", augmented(AUGMENT.replace("1}", s)))[1]
@@ -83,12 +85,18 @@ def test_augment_off_leaves_recipe_log_and_edit_as_they_were(
         "drift",
     }
     assert log["recipe_sha256"] == recipe_sha256(recipe)
-    # copies: 1 with scale 0 adds each chosen vector once more: a different G_p, so a different
-    # least-squares edit — the option really is off without the key.
-    _, on = run(tiny_model, tmp_path / "on", augmented("{copies: 1, scale: 0}"))
-    _, off = run(tiny_model, tmp_path / "ls", AUTO_RECIPE)
-    assert any(not torch.equal(on[k], off[k]) for k in off)
-    assert set(delta) == set(off)
+    # A vector and its copies share one vector's weight: with scale 0 the copies are the vector
+    # itself, and the edit is the plain one up to rounding (least squares and null space).
+    for solver in ("", NULL_SPACE):
+        _, same = run(
+            tiny_model, tmp_path / f"s0{len(solver)}", augmented("{copies: 3, scale: 0}") + solver
+        )
+        _, plain = run(tiny_model, tmp_path / f"p{len(solver)}", AUTO_RECIPE + solver)
+        assert set(same) == set(plain) == set(delta)
+        for k in plain:
+            assert float((same[k].double() - plain[k].double()).norm()) <= 1e-5 * float(
+                plain[k].double().norm()
+            ), (solver, k)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ relative movement of the candidate's outputs, pooled over layers. The ``top`` N 
 concepts join the preserve set (their Gram into G_p); ties keep the candidate order.
 
 ``auto: {top: N, augment: {copies: K, scale: s, directions: r, seed: S}}`` also preserves K
-seeded perturbations of every chosen vector x (a one-operator variant of SPEED's DPA)::
+seeded perturbations of every chosen vector x (a one-operator variant of SPEED's DPA); x and its
+K copies then share one vector's weight in G_p (each scaled by 1/√(K+1))::
 
     x' = x + s ‖x‖ V_r ξ / √r,   ξ ~ N(0, I_r),   V_r = the r weakest eigenvectors of H_W
 
@@ -105,6 +106,7 @@ class AutoChoice:
     prompts: list[str] = field(default_factory=list)  # the chosen concepts' prompts
     rows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # group → (n, d)
     augment: dict[str, Any] | None = None  # the settings and vectors added per group, if any
+    counts: dict[str, int] = field(default_factory=dict)  # group → vectors (copies not counted)
 
     def record(self) -> dict[str, Any]:
         """The edit log's entry."""
@@ -218,13 +220,21 @@ def choose_preserve(
         return AutoChoice(candidates.section, candidates.top, chosen, drift, prompts, rows)
     extra = {g: augment_rows(rows[g], forms[g][1], augment, candidates.section) for g in forms}
     record = augment.model_dump() | {"vectors": {g: int(x.shape[0]) for g, x in extra.items()}}
-    rows = {g: torch.cat([rows[g], extra[g]]) for g in forms}
-    return AutoChoice(candidates.section, candidates.top, chosen, drift, prompts, rows, record)
+    # a vector and its copies share one vector's weight (SPEED averages its Gram over all rows),
+    # and count as one for the null-space threshold: s = 0 gives back the plain choice
+    weight = 1.0 / (augment.copies + 1) ** 0.5
+    counts = {g: int(rows[g].shape[0]) for g in forms}
+    rows = {g: torch.cat([rows[g], extra[g]]) * weight for g in forms}
+    return AutoChoice(
+        candidates.section, candidates.top, chosen, drift, prompts, rows, record, counts
+    )
 
 
-def with_preserved(stats: EditStats, rows: torch.Tensor) -> EditStats:
-    """Statistics with extra preserve vectors folded into G_p (a new object)."""
+def with_preserved(stats: EditStats, rows: torch.Tensor, count: int | None = None) -> EditStats:
+    """Statistics with extra preserve vectors folded into G_p (a new object); ``count`` (default:
+    the rows) is how many vectors they add to ``n_preserve_vectors``."""
     x = rows.to(stats.G_p.device, torch.float64)
+    added = x.shape[0] if count is None else count
     return replace(
-        stats, G_p=stats.G_p + x.T @ x, n_preserve_vectors=stats.n_preserve_vectors + x.shape[0]
+        stats, G_p=stats.G_p + x.T @ x, n_preserve_vectors=stats.n_preserve_vectors + added
     )
