@@ -8,6 +8,12 @@ in each alignment mode of ``--alignments``) is solved three ways on the same sta
   null-space+auto      the same, preserving only the ``--auto-top`` of the P candidates the plain
                        edit moves most (``preserve: {auto: {top: N}}``).
 
+With ``--augment COPIES,SCALE,DIRECTIONS`` (seed 0) four more rows per size: least-squares+auto,
+both methods' auto rows again with the chosen vectors' seeded perturbations
+(``auto: {top: N, augment: …}``, "+dpa": docs/design.md §8), and a control, least-squares+auto+dup:
+the same number of copies with scale 0 (which the shared weight turns back into plain auto, up to
+rounding: a check that the "+dpa" change comes from the perturbations).
+
 and judged with ``uce eval``'s text-side figures (docs/metrics.md): efficacy (all aligned
 positions) and efficacy_word (the last word token) on held-out phrasings of the erased artists
 ("a painting in the style of X" → guide "art"), drift_preserve on the P preserved artists (all 77
@@ -32,6 +38,7 @@ cache in front of the text path). Prints a table and writes JSON and one plot. U
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -45,7 +52,9 @@ from typing import Any
 import torch
 
 from uce_cli.edit.autopreserve import choose_preserve, drift_forms, with_preserved
+from uce_cli.edit.nullspace import NoFreeDirectionError
 from uce_cli.edit.plan import plan_recipe
+from uce_cli.edit.recipe import AugmentPreserve
 from uce_cli.edit.solve import Scales, solve_edit
 from uce_cli.edit.stats import EditStats, collect_statistics
 from uce_cli.families.base import TextPath, Tokens
@@ -54,6 +63,15 @@ from uce_cli.judge.text import DriftPrompt, HeldOutPrompt, TextInputs, text_figu
 
 ARTISTS = Path(__file__).resolve().parents[1] / "uce_cli" / "data" / "artists1734.txt"
 CONFIGS = ("least-squares", "null-space", "null-space+auto")
+AUGMENTED = (
+    "least-squares",
+    "null-space",
+    "least-squares+auto",
+    "least-squares+auto+dpa",
+    "least-squares+auto+dup",
+    "null-space+auto",
+    "null-space+auto+dpa",
+)
 HELDOUT_TEMPLATE = "a painting in the style of {}"
 
 
@@ -177,25 +195,39 @@ def run_alignment(
             recipe(work / "recipes", folder, erased, preserve, args.auto_top, alignment), text_path
         )
         encode_s = time.perf_counter() - t0
-        for config in CONFIGS:
-            method = "least-squares" if config == "least-squares" else "null-space"
+        for config in AUGMENTED if args.augment else CONFIGS:
+            method = config.split("+")[0]
             # λ, s_e, s_p as each recipe resolves them (s_p auto: max(0.1, 1/(1+|P|)))
-            used = auto_plan if config.endswith("+auto") else plan
+            used = auto_plan if "+auto" in config else plan
             scales = Scales(used.lam, used.erase_scale, used.preserve_scale, method, args.threshold)
             choose_s = 0.0
             group_stats = stats
             chosen: list[str] = []
-            if config.endswith("+auto"):
+            if "+auto" in config:
                 t0 = time.perf_counter()
                 plain, _, _ = solve_edit(old, auto_stats, scales)
                 forms = {text_path.groups[0].name: drift_forms(old, plain)}
                 [candidates] = auto_plan.auto_preserve
+                if config.endswith(("+dpa", "+dup")):  # dup: the same copies unperturbed (control)
+                    copies, scale, directions = args.augment
+                    scale = scale if config.endswith("+dpa") else 0.0
+                    dpa = AugmentPreserve(copies=copies, scale=scale, directions=directions)
+                    candidates = dataclasses.replace(candidates, augment=dpa)
                 choice = choose_preserve(candidates, text_path, alignment, forms)
-                group_stats = with_preserved(auto_stats, choice.rows[text_path.groups[0].name])
+                group = text_path.groups[0].name
+                group_stats = with_preserved(
+                    auto_stats, choice.rows[group], choice.counts.get(group)
+                )
                 chosen = choice.chosen
                 choose_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            new, _, metrics = solve_edit(old, group_stats, scales)
+            try:
+                new, _, metrics = solve_edit(old, group_stats, scales)
+            except NoFreeDirectionError:
+                print(
+                    f"{name:6} {alignment:10} {size:>5} {config:22} no free direction", flush=True
+                )
+                continue
             solve_s = time.perf_counter() - t0
             figures = text_figures(inputs, text_path, old, new)["figures"]
             first = next(iter(metrics.values()))
@@ -238,14 +270,14 @@ def _trace(w: torch.Tensor, g: torch.Tensor) -> float:
 
 
 HEADER = (
-    f"{'model':6} {'align':10} {'E':>5} {'config':16} {'effic':>7} {'eff_wd':>7} {'drift_P':>9} "
+    f"{'model':6} {'align':10} {'E':>5} {'config':22} {'effic':>7} {'eff_wd':>7} {'drift_P':>9} "
     f"{'drift_pres':>10} {'drift_unrel':>11} {'kept':>9} {'solve s':>8} {'choose s':>8}"
 )
 
 
 def _line(r: dict[str, Any]) -> str:
     return (
-        f"{r['model']:6} {r['alignment']:10} {r['erased']:>5} {r['config']:16} "
+        f"{r['model']:6} {r['alignment']:10} {r['erased']:>5} {r['config']:22} "
         f"{r['efficacy']:>7.3f} {r['efficacy_word']:>7.3f} {r['drift_preserve_vectors']:>9.2e} "
         f"{r['drift_preserve']:>10.2e} {r['drift_unrelated']:>11.2e} "
         f"{str(r['kept_rank']) + '/' + str(r['width']):>9} {r['solve_s']:>8.3f} {r['choose_s']:>8.2f}"
@@ -281,7 +313,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     alignments = list(dict.fromkeys(r["alignment"] for r in rows))
     fig, axes = plt.subplots(len(alignments), 3, figsize=(14, 3.8 * len(alignments)), squeeze=False)
     styles = {"tiny": "--", "sd14": "-"}
-    colors = dict(zip(CONFIGS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
+    palette = (
+        "tab:blue",
+        "tab:orange",
+        "tab:purple",
+        "tab:red",
+        "tab:gray",
+        "tab:green",
+        "tab:olive",
+    )
+    colors = dict(zip(AUGMENTED, palette, strict=True))
     for row, alignment in enumerate(alignments):
         lines = dict.fromkeys(
             (r["model"], r["config"]) for r in rows if r["alignment"] == alignment
@@ -326,6 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unrelated", type=int, default=50, help="artists for drift_unrelated")
     parser.add_argument("--heldout", type=int, default=100, help="erased artists judged, at most")
     parser.add_argument("--auto-top", type=int, default=50, help="auto-preserve: top N of the P")
+    parser.add_argument(
+        "--augment",
+        default=None,
+        help="COPIES,SCALE,DIRECTIONS: also the auto rows with seeded perturbations (seed 0)",
+    )
     parser.add_argument("--threshold", type=float, default=1e-3, help="null_space_threshold")
     parser.add_argument("--alignments", default="paper,last-token", help="comma list")
     parser.add_argument("--work", type=Path, default=None, help="keep models here (sd14: 4.3 GB)")
@@ -337,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.alignments = args.alignments.split(",")
+    if args.augment:
+        copies, scale, directions = args.augment.split(",")
+        args.augment = (int(copies), float(scale), int(directions))
     torch.manual_seed(0)
     if args.load:
         rows = [r for path in args.load for r in json.loads(path.read_text())["rows"]]

@@ -339,7 +339,7 @@ def auto_preserve_stage(
             candidates, opened.text_path, plan.alignment, forms, batch_size, progress
         )
         stats = {
-            g: with_preserved(s, choice.rows[g]) if g in choice.rows else s
+            g: with_preserved(s, choice.rows[g], choice.counts.get(g)) if g in choice.rows else s
             for g, s in stats.items()
         }
         known = set(plan.preserve)

@@ -16,6 +16,16 @@ of that plain edit::
 (x over the candidate's preserve rows, l over the edited layers, summed over groups): the
 relative movement of the candidate's outputs, pooled over layers. The ``top`` N most moved
 concepts join the preserve set (their Gram into G_p); ties keep the candidate order.
+
+``auto: {top: N, augment: {copies: K, scale: s, directions: r, seed: S}}`` also preserves K
+seeded perturbations of every chosen vector x (a one-operator variant of SPEED's DPA); x and its
+K copies then share one vector's weight in G_p (each scaled by 1/√(K+1))::
+
+    x' = x + s ‖x‖ V_r ξ / √r,   ξ ~ N(0, I_r),   V_r = the r weakest eigenvectors of H_W
+
+H_W = Σ_l W_lᵀ W_l is the Gram of the group's stacked W_old, so V_r are the weakest
+right-singular directions of all its layers pooled: one set of directions, one G_p, one operator
+per group (SPEED draws them per layer; docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ import torch
 
 from uce_cli.edit.encode import encode_prompts, preserve_rows
 from uce_cli.edit.plan import AutoCandidates
+from uce_cli.edit.recipe import AugmentPreserve
+from uce_cli.errors import RecipeError
 from uce_cli.families.base import TextPath
 from uce_cli.progress import NullProgress, Progress
 
@@ -93,16 +105,55 @@ class AutoChoice:
     drift: dict[str, float]  # candidate → relative drift under the plain edit
     prompts: list[str] = field(default_factory=list)  # the chosen concepts' prompts
     rows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # group → (n, d)
+    augment: dict[str, Any] | None = None  # the settings and vectors added per group, if any
+    counts: dict[str, int] = field(default_factory=dict)  # group → vectors (copies not counted)
 
     def record(self) -> dict[str, Any]:
         """The edit log's entry."""
-        return {
+        entry = {
             "section": self.section,
             "top": self.top,
             "candidates": len(self.drift),
             "chosen": self.chosen,
             "drift": {c: round(v, 8) for c, v in self.drift.items()},
         }
+        if self.augment is not None:
+            entry["augment"] = self.augment
+        return entry
+
+
+def weakest_directions(h_w: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` eigenvectors of H_W with the smallest eigenvalues, ``(d, count)`` float64."""
+    _, vectors = torch.linalg.eigh(h_w.to("cpu", torch.float64))
+    return vectors[:, :count]
+
+
+def augment_rows(
+    rows: torch.Tensor, h_w: torch.Tensor, augment: AugmentPreserve, where: str
+) -> torch.Tensor:
+    """``augment.copies`` seeded perturbations of every row (float64, copies × n rows, copy-major).
+
+    Args:
+        rows: the chosen preserve vectors ``(n, d)``.
+        h_w: Σ W_lᵀ W_l of the group's layers (d × d).
+        augment: the recipe's settings.
+        where: the preserve group's section, for errors.
+    """
+    n, d = rows.shape
+    if augment.directions > d:
+        raise RecipeError(
+            [
+                f"{where}.auto.augment.directions: {augment.directions} is more than the text "
+                f"width {d} — use at most {d}"
+            ]
+        )
+    v = weakest_directions(h_w, augment.directions)
+    gen = torch.Generator().manual_seed(augment.seed)
+    xi = torch.randn(augment.copies, n, augment.directions, generator=gen, dtype=torch.float64)
+    x = rows.to("cpu", torch.float64)
+    step = (xi @ v.T) * (augment.scale / augment.directions**0.5)
+    perturbed = x + x.norm(dim=1, keepdim=True) * step  # (copies, n, d)
+    return perturbed.reshape(-1, d)
 
 
 @torch.no_grad()
@@ -164,12 +215,26 @@ def choose_preserve(
         for group in forms
     }
     prompts = [p for c in chosen for p in candidates.concepts[c]]
-    return AutoChoice(candidates.section, candidates.top, chosen, drift, prompts, rows)
+    augment = candidates.augment
+    if augment is None:
+        return AutoChoice(candidates.section, candidates.top, chosen, drift, prompts, rows)
+    extra = {g: augment_rows(rows[g], forms[g][1], augment, candidates.section) for g in forms}
+    record = augment.model_dump() | {"vectors": {g: int(x.shape[0]) for g, x in extra.items()}}
+    # a vector and its copies share one vector's weight (SPEED averages its Gram over all rows),
+    # and count as one for the null-space threshold: s = 0 gives back the plain choice
+    weight = 1.0 / (augment.copies + 1) ** 0.5
+    counts = {g: int(rows[g].shape[0]) for g in forms}
+    rows = {g: torch.cat([rows[g], extra[g]]) * weight for g in forms}
+    return AutoChoice(
+        candidates.section, candidates.top, chosen, drift, prompts, rows, record, counts
+    )
 
 
-def with_preserved(stats: EditStats, rows: torch.Tensor) -> EditStats:
-    """Statistics with extra preserve vectors folded into G_p (a new object)."""
+def with_preserved(stats: EditStats, rows: torch.Tensor, count: int | None = None) -> EditStats:
+    """Statistics with extra preserve vectors folded into G_p (a new object); ``count`` (default:
+    the rows) is how many vectors they add to ``n_preserve_vectors``."""
     x = rows.to(stats.G_p.device, torch.float64)
+    added = x.shape[0] if count is None else count
     return replace(
-        stats, G_p=stats.G_p + x.T @ x, n_preserve_vectors=stats.n_preserve_vectors + x.shape[0]
+        stats, G_p=stats.G_p + x.T @ x, n_preserve_vectors=stats.n_preserve_vectors + added
     )

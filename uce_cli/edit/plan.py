@@ -19,6 +19,7 @@ from uce_cli.edit.recipe import (
     DEFAULT_NULL_SPACE_THRESHOLD,
     MAX_CONCEPT_CHARS,
     MAX_CONCEPTS,
+    AugmentPreserve,
     ConceptSource,
     DebiasGroup,
     DebiasLoop,
@@ -96,6 +97,7 @@ class AutoCandidates:
     section: str
     top: int
     concepts: dict[str, list[str]]  # concept → its prompts (templates expanded)
+    augment: AugmentPreserve | None = None  # seeded perturbations of the chosen vectors
 
 
 @dataclass
@@ -177,6 +179,7 @@ class EditPlan:
         if self.auto_preserve:
             options["auto_preserve"] = [
                 {"section": a.section, "top": a.top, "candidates": len(a.concepts)}
+                | ({"augment": a.augment.model_dump()} if a.augment is not None else {})
                 for a in self.auto_preserve
             ]
         return options
@@ -456,7 +459,9 @@ def resolve_plan(recipe: Recipe, source_file: Path, output_dir: Path | None = No
         if group.auto is not None:
             if kept:
                 candidates = {c: expand(c, group.templates) for c in kept}
-                auto_preserve.append(AutoCandidates(where, group.auto.top, candidates))
+                auto_preserve.append(
+                    AutoCandidates(where, group.auto.top, candidates, group.auto.augment)
+                )
                 n_auto += min(group.auto.top, len(kept)) * len(next(iter(candidates.values())))
             sections[where]["auto_top"] = group.auto.top
             continue

@@ -348,6 +348,28 @@ SolverMethod = Literal["least-squares", "null-space"]
 KeepExact = Literal["sot", "empty"]
 MAX_AUTO_TOP = 100_000
 DEFAULT_NULL_SPACE_THRESHOLD = 1e-3  # relative to the mean squared norm of a preserve vector
+MAX_AUGMENT_COPIES = 1_000
+
+
+class AugmentPreserve(_Strict):
+    """Seeded perturbations of each chosen preserve vector (a one-operator variant of SPEED's DPA)."""
+
+    copies: int = Field(
+        ge=1, le=MAX_AUGMENT_COPIES, description="perturbed copies of each chosen preserve vector"
+    )
+    scale: float = Field(
+        default=0.1,
+        ge=0,
+        allow_inf_nan=False,
+        description="size of a perturbation relative to its vector's norm",
+    )
+    directions: int = Field(
+        default=1,
+        ge=1,
+        description="the perturbations lie in the span of this many weakest right-singular "
+        "directions of the group's stacked W_old (SPEED uses 1, per layer)",
+    )
+    seed: int = Field(default=0, ge=0, description="seed of the perturbations")
 
 
 class AutoPreserve(_Strict):
@@ -358,6 +380,11 @@ class AutoPreserve(_Strict):
         le=MAX_AUTO_TOP,
         description="how many of the group's concepts to preserve: those whose outputs the edit "
         "without them moves most (text-side drift per concept)",
+    )
+    augment: AugmentPreserve | None = Field(
+        default=None,
+        description="also preserve seeded perturbations of each chosen vector, e.g. "
+        "{copies: 4, scale: 0.1, seed: 0} (off by default; docs/design.md §8)",
     )
 
 
@@ -562,6 +589,8 @@ def dump_recipe(recipe: Recipe) -> dict[str, Any]:
         for key in UNSET_OMITTED["preserve"]:
             if group.get(key) is None:
                 group.pop(key, None)
+        if group.get("auto") and group["auto"].get("augment") is None:
+            group["auto"].pop("augment", None)
     return dumped
 
 
