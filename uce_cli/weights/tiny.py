@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -615,13 +615,21 @@ def write_tiny_clip(dest: Path, seed: int = 0) -> Path:
     return dest
 
 
-def ensure_tiny_clip(cache_dir: Path) -> Path:
-    """Return the cached tiny CLIP folder, building it once if absent (race-safe like the model)."""
-    dest = Path(cache_dir) / "models" / "tiny-clip-v1"
+def ensure_built(dest: Path, write: Callable[[Path], Path]) -> Path:
+    """Return the cached model folder ``dest``, building it once with ``write`` if absent.
+
+    ``write`` builds in a temp folder renamed into place, so a process that loses the race to
+    another one's rename just uses the winner's folder.
+    """
     if (dest / "config.json").is_file():
         return dest
     try:
-        write_tiny_clip(dest)
+        write(dest)
     except OSError:
         pass  # another process won the race
     return dest
+
+
+def ensure_tiny_clip(cache_dir: Path) -> Path:
+    """Return the cached tiny CLIP folder, building it once if absent (race-safe like the model)."""
+    return ensure_built(Path(cache_dir) / "models" / "tiny-clip-v1", write_tiny_clip)

@@ -26,8 +26,9 @@ IMAGENETTE_LABELS: dict[int, str] = {
 
 def write_tiny_resnet(dest: Path, seed: int = 0) -> Path:
     """Save a random 1000-class ResNetForImageClassification and its (PIL) processor to ``dest``."""
-    import torch
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    from uce_cli.weights.tiny import _seeded
 
     labels = {i: IMAGENETTE_LABELS.get(i, f"class {i}") for i in range(1000)}
     config = ResNetConfig(
@@ -39,12 +40,8 @@ def write_tiny_resnet(dest: Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         tmp.chmod(0o755)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
+        with _seeded(seed):
             ResNetForImageClassification(config).save_pretrained(tmp)
-        finally:
-            torch.random.set_rng_state(state)
         ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(tmp)
         os.replace(tmp, dest)
     except BaseException:
@@ -55,14 +52,9 @@ def write_tiny_resnet(dest: Path, seed: int = 0) -> Path:
 
 def ensure_tiny_resnet(cache_dir: Path) -> Path:
     """Return the cached tiny ResNet folder, building it once if absent."""
-    dest = Path(cache_dir) / "models" / "tiny-resnet-v1"
-    if (dest / "config.json").is_file():
-        return dest
-    try:
-        write_tiny_resnet(dest)
-    except OSError:
-        pass  # another process won the race
-    return dest
+    from uce_cli.weights.tiny import ensure_built
+
+    return ensure_built(Path(cache_dir) / "models" / "tiny-resnet-v1", write_tiny_resnet)
 
 
 def builtin_judge_folder(model_id: str, cache_dir: Path) -> Path | None:
