@@ -359,6 +359,19 @@ def debias_numerator(
     return t_all.T @ c_all.to(w.device), float(t_all.square().sum())
 
 
+def debias_targets(
+    w_old: torch.Tensor,
+    stats: EditStats,
+    stacked_blocks: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, float]:
+    """One layer's Σ v*_i c_iᵀ (float64, d_out × d_in) with norm-relative debias targets, and
+    the targets' energy Σ ‖v*_i‖² (for the residual figures)."""
+    w0 = w_old.to(device, torch.float64)
+    numer, energy = debias_numerator(w0, stats.debias, stacked_blocks)
+    return w0 @ stats.G_ts + numer, energy + _trace_form(w0, stats.G_t)
+
+
 def fold_linear_blocks(stats: EditStats) -> EditStats:
     """Statistics with the absolute (Eq. 9) debias blocks folded into G_ts/G_t (they are linear in
     W_old); the relative blocks stay blocks. Returns a new object; ``stats`` is unchanged."""
@@ -550,10 +563,7 @@ def solve_edit(
         stacked_blocks = stack_blocks(stats.debias)
         stacked_blocks = (stacked_blocks[0].to(chol.device), stacked_blocks[1].to(chol.device))
         for name, w_old in weights.items():
-            w0 = w_old.to(chol.device, torch.float64)
-            numer, energy = debias_numerator(w0, stats.debias, stacked_blocks)
-            v_star_c = w0 @ stats.G_ts + numer
-            energy += _trace_form(w0, stats.G_t)
+            v_star_c, energy = debias_targets(w_old, stats, stacked_blocks, chol.device)
             new[name] = solve_layer(w_old, v_star_c, stats, scales, chol)
             check_result(name, new[name], scales)
             metrics[name] = per_layer_metrics(w_old, new[name], v_star_c, energy, stats)
@@ -599,10 +609,7 @@ def solve_constrained(
         stacked_blocks = stack_blocks(stats.debias)
         stacked_blocks = (stacked_blocks[0].to(chol.device), stacked_blocks[1].to(chol.device))
         for name, w_old in weights.items():
-            w0 = w_old.to(chol.device, torch.float64)
-            numer, energy = debias_numerator(w0, stats.debias, stacked_blocks)
-            v_star_c = w0 @ stats.G_ts + numer
-            energy += _trace_form(w0, stats.G_t)
+            v_star_c, energy = debias_targets(w_old, stats, stacked_blocks, chol.device)
             new[name] = nullspace.layer_update(
                 w_old, v_star_c, stats, scales.erase_scale, space, chol
             )
